@@ -9,8 +9,9 @@ One story, top to bottom:
 3. `render` writes the conversation as text with the model's chat template or
    the paper's plain template, and returns the character spans of every
    assistant answer (plus its end-of-turn token).
-4. `tokenize_dataset` tokenizes the text once with offsets, marks the tokens
-   inside those spans as response tokens, truncates at `max_seq_len`, and
+4. `tokenize_dataset` tokenizes prompt and answer segments separately (as the
+   model sees them at inference), marks the answer tokens as response tokens,
+   truncates at `max_seq_len`, and
    fingerprints the data and tokenizer so that scores and masks can never be
    applied to other data.
 
@@ -334,17 +335,35 @@ def tokenizer_sha256(tokenizer) -> str:
 
 def encode(text: str, spans: list[tuple[int, int]], tokenizer, template: str
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize once with character offsets; a token is a response token iff it lies in a span."""
+    """Tokenize prompt and response segments separately; response segments become the mask.
+
+    Segment by segment, because that is what the model sees at inference: the
+    prompt ends where the generation starts. Tokenizing the whole text at once
+    would let BPE merge across the boundary ("Assistant: " + "It" -> " It").
+    """
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    # The chat template writes its own BOS; the plain template relies on the tokenizer's.
-    enc = hf(text, add_special_tokens=(template == "plain"), return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], np.int32)
-    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
-    mask = np.zeros(len(ids), bool)
-    real = offsets[:, 1] > offsets[:, 0]  # added specials have empty (0, 0) spans
-    for start, end in spans:
-        mask |= real & (offsets[:, 0] >= start) & (offsets[:, 1] <= end)
-    return ids, mask
+    ids: list[int] = []
+    mask: list[bool] = []
+    if template == "plain":  # the chat template writes its own BOS; plain relies on the tokenizer's
+        ids += _leading_specials(hf)
+        mask += [False] * len(ids)
+    cursor = 0
+    for start, end in spans + [(len(text), len(text))]:
+        for segment, is_response in ((text[cursor:start], False), (text[start:end], True)):
+            if segment:
+                seg_ids = hf(segment, add_special_tokens=False)["input_ids"]
+                ids += seg_ids
+                mask += [is_response] * len(seg_ids)
+        cursor = end
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+
+def _leading_specials(hf) -> list[int]:
+    """The tokens (e.g. BOS) the tokenizer adds in front of a text, if any."""
+    with_specials = hf("a", add_special_tokens=True)["input_ids"]
+    plain = hf("a", add_special_tokens=False)["input_ids"]
+    n = len(with_specials) - len(plain)
+    return list(with_specials[:n]) if n > 0 and with_specials[n:n + len(plain)] == plain else []
 
 
 def tokenize_dataset(path: str | os.PathLike, tokenizer, template: str = "chat",

