@@ -11,8 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike,
+               replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield an empty temp folder next to `path`; it becomes `path` only if the block succeeds.
+
+    An existing non-empty `path` is replaced only when `replaceable(path)` says it is an
+    earlier output of the same kind; anything else is refused before any work starts.
+    The old folder is moved aside before the new one is renamed in, so a crash at any
+    moment leaves either folder complete on disk.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise TossError(f"{path}: exists and is not a folder")
+        if any(path.iterdir()) and not (replaceable and replaceable(path)):
+            raise TossError(f"{path}: folder exists and holds other files; "
+                            "choose another output folder or empty it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

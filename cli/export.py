@@ -1,0 +1,56 @@
+"""`toss-mlx export` (adapter to mlx-lm or PEFT layout) and `toss-mlx fuse` (adapter into the model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import app, friendly
+
+
+@app.command("export")
+@friendly
+def export(
+    adapter: Path = typer.Argument(..., help="mlx-lm adapter folder (adapter_config.json + "
+                                   "adapters.safetensors), e.g. the output of `toss-mlx train`."),
+    fmt: str = typer.Option("mlx", "--format", "-f",
+                            help="mlx: mlx-lm's layout (mlx_lm.load / mlx_lm.generate "
+                            "--adapter-path). peft: a PEFT LoRA folder for transformers, vLLM, "
+                            "llama.cpp's convert_lora_to_gguf.py and Ollama."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (replaced atomically "
+                             "if it holds an earlier export; any other non-empty folder is refused)."),
+    base_model_id: str = typer.Option(None, "--base-model-id",
+                                      help="Base model id for the README and PEFT's "
+                                      "base_model_name_or_path (default: the one the adapter records)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
+) -> None:
+    """Export an adapter with a README that says how it was trained and how to load it."""
+    from toss_mlx.export import export_adapter
+
+    result = export_adapter(adapter, out, fmt=fmt, base_model_id=base_model_id)
+    if not quiet:
+        kind = "DoRA" if result.dora else "LoRA"
+        typer.echo(f"exported {kind} adapter ({len(result.modules)} modules, rank {result.rank}) "
+                   f"as {fmt} to {out}")
+
+
+@app.command("fuse")
+@friendly
+def fuse(
+    model: str = typer.Option(..., "--model", "-m", help="Base model: registry name, mlx-lm "
+                              "folder or hub id (the one the adapter was trained on)."),
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="mlx-lm adapter folder to merge."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (config, weights, "
+                             "tokenizer), loadable by mlx_lm.load."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even when "
+                                    "the base is quantized (default: requantize like the base)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
+) -> None:
+    """Merge an adapter into its base model and write an mlx-lm model folder."""
+    from toss_mlx.fuse import fuse_adapter
+
+    result = fuse_adapter(model, adapter, out, dequantize=dequantize)
+    if not quiet:
+        typer.echo(f"fused {result.fused_modules} modules into {out} "
+                   f"({'quantized' if result.quantized else 'float weights'})")
