@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 # Each cli/ module registers its commands on `app` when imported.
-from . import export  # noqa: F401
+from . import (
+    export,  # noqa: F401
+    model,  # noqa: F401
+)
 from .common import app
 
 

