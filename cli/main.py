@@ -4,8 +4,8 @@ from __future__ import annotations
 
 # Each cli/ module registers its commands on `app` when imported.
 from . import (
+    eval_report,  # noqa: F401
     export,  # noqa: F401
-    model,  # noqa: F401
 )
 from .common import app
 

@@ -1,0 +1,99 @@
+"""`toss-mlx eval` (safety and utility of the base and adapters) and `toss-mlx report` (the HTML report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import app, friendly
+
+
+@app.command("eval")
+@friendly
+def eval_command(
+    model: str = typer.Option(None, "--model", "-m",
+                              help="Base model: registry name, mlx-lm folder or hub id."),
+    adapter: list[str] = typer.Option(
+        [], "--adapter", "-a",
+        help="NAME=DIR of an mlx-lm adapter folder to evaluate next to the base; repeatable."),
+    no_base: bool = typer.Option(False, "--no-base", help="Leave the bare base model out."),
+    harmful: Path = typer.Option(None, help="Harmful prompts (JSONL/JSON): refusal rate, attack success rate."),
+    benign: Path = typer.Option(
+        None, help="Benign prompts with reference answers: NLL/perplexity, and exact match on `#### N`."),
+    edgy: Path = typer.Option(None, help="Benign-but-edgy prompts: over-refusal rate."),
+    max_new_tokens: int = typer.Option(None, help="Tokens generated per answer (default: 128)."),
+    decode: str = typer.Option(
+        None, help="greedy (default) or sample: the paper's top_p 0.9, temperature 1.0, "
+                   "repetition penalty 1.2, seeded."),
+    seed: int = typer.Option(None, help="Seed of the sampling (default: 0)."),
+    template: str = typer.Option(
+        None, help="chat (the model's chat template, default) or plain ('Human: ...\\nAssistant: ')."),
+    judge: str = typer.Option(
+        None, help="An mlx-lm chat model that rates each harmful answer 1-5 (mean and share at 5)."),
+    batch_size: int = typer.Option(None, help="Answers decoded together (default: 16)."),
+    max_prompts: int = typer.Option(None, help="Use the first N prompts of each file (default: all)."),
+    config: Path = typer.Option(None, "--config", "-c",
+                                help="YAML of eval settings (model, adapters, harmful, benign, edgy, decode, top_p, ...); flags win."),
+    out: Path = typer.Option(Path("eval.json"), "--out", "-o", help="Where to write eval.json."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
+):
+    """Evaluate the base model and adapters side by side on the same prompts: safety
+    (refusal / attack success with Wilson 95% intervals, optional judge), over-refusal, utility."""
+    from toss_mlx.config import build_config, read_yaml
+    from toss_mlx.evaluate import EvalSettings, evaluate, metrics_table, parse_adapters
+
+    flags = {
+        "model": model, "harmful": harmful and str(harmful), "benign": benign and str(benign),
+        "edgy": edgy and str(edgy), "max_new_tokens": max_new_tokens, "decode": decode,
+        "seed": seed, "template": template, "judge": judge, "batch_size": batch_size,
+        "max_prompts": max_prompts,
+        "adapters": parse_adapters(adapter) or None, "include_base": False if no_base else None,
+    }
+    layers = [read_yaml(config)] if config else []
+    settings = build_config(EvalSettings, *layers, flags, source=str(config or "eval"))
+    result = evaluate(settings, out, quiet=quiet)
+    if not quiet:
+        from rich.console import Console
+
+        Console().print(metrics_table(result))
+        typer.echo(f"wrote {out} ({len(result['models'])} models; every answer and verdict inside)")
+
+
+@app.command("report")
+@friendly
+def report_command(
+    run_dir: Path = typer.Argument(None, help="A run directory (scores, mask and eval*.json inside)."),
+    scores: Path = typer.Option(None, help="scores.safetensors from `toss-mlx score`."),
+    mask: Path = typer.Option(None, help="mask.safetensors from `toss-mlx select` (removed tokens)."),
+    data: Path = typer.Option(None, help="The data file the scores were made from (checked; row tags)."),
+    eval_file: list[Path] = typer.Option([], "--eval", help="eval.json files to chart; repeatable."),
+    model: str = typer.Option(None, "--model", "-m",
+                              help="Model whose tokenizer decodes the tokens (default: the scores' model)."),
+    top: int = typer.Option(20, help="Riskiest samples shown in the heatmap."),
+    random_samples: int = typer.Option(20, "--random", help="Other samples drawn at random for the heatmap."),
+    seed: int = typer.Option(0, help="Seed of the random sample."),
+    title: str = typer.Option("TOSS report", help="Page title."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+):
+    """Write one self-contained HTML report: token heatmap, score histogram with the threshold,
+    removal by response position, and the safety-utility chart of the evaluations."""
+    from toss_mlx.io import TossError
+    from toss_mlx.report import ReportInputs, build_report, find_run_inputs
+
+    if run_dir is not None:
+        inputs = find_run_inputs(run_dir)
+        inputs.scores = scores or inputs.scores
+        inputs.mask = mask or inputs.mask
+        inputs.data = data or inputs.data
+        inputs.evals += list(eval_file)
+        inputs.model = model or inputs.model
+    elif scores is None and not eval_file:
+        raise TossError("report: give a RUN_DIR, or --scores S [--mask M --data D], or --eval E.json")
+    else:
+        inputs = ReportInputs(scores, mask, data, list(eval_file), model)
+    summary = build_report(inputs, out, top=top, random_n=random_samples, seed=seed, title=title)
+    if not quiet:
+        parts = [f"{k.replace('_', ' ')} {v:,}" for k, v in summary.items() if k != "bytes"]
+        typer.echo(f"wrote {out} ({summary['bytes'] / 1024:.0f} KiB): " + ", ".join(parts))

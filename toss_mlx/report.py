@@ -1,0 +1,542 @@
+"""The visual report: one self-contained HTML file a person can read.
+
+What goes in, from
+`toss-mlx report (RUN_DIR | --scores S [--mask M] [--data D]) [--eval E.json] --out report.html`:
+- scores.safetensors (from `toss-mlx score`): offsets int64 [N+1], row_index
+  int64 [N], token_ids int32 [T], response_mask uint8 [T], loss_utility,
+  loss_safety, score float32 [T]; metadata with the fingerprints
+  (dataset_sha256, tokenizer_sha256, template, max_seq_len) and `model`.
+- mask.safetensors (from `toss-mlx select`, optional): offsets, row_index,
+  keep uint8 [T]; metadata: the same fingerprints, strategy, level, ratio,
+  removed_tokens.
+- the data file (optional): checked against the scores' dataset hash; a
+  row's `source` / `label` / `category` / `origin` string becomes its tag,
+  and the report shows how removal splits across tags (for data mixed from
+  known sources: the detector's precision and recall).
+- eval*.json files (from `toss-mlx eval`, optional): the safety-utility
+  chart and the metrics table.
+
+A run directory (from `toss-mlx run`) is searched for these files: the
+shallowest `scores.safetensors` and `mask.safetensors` under it (the final
+ones, not a TOSS-Pro round's, which sit one level deeper in `round-t/`), and
+every `eval*.json` under it. A `manifest.json` there may name the `model`
+and `data` (top-level string keys); explicit options win over it.
+
+Token text needs the tokenizer the scores were made with: `--model`, else the
+`model` recorded in the scores (or the manifest); its hash must match the
+scores' `tokenizer_sha256`.
+
+What comes out, top to bottom: a summary; the token heatmap (the riskiest
+samples by their highest token score, then a seeded random sample of the
+rest) where every response token is coloured by S (red: high = unsafe, blue:
+low), removed tokens are struck through, and hovering a token shows loss_u,
+loss_h and S; the score histogram with the selection threshold; removal rate
+by position in the response (the paper's diagnosis: removal concentrates on
+the first tokens, but not only there); removal by data tag; the
+safety-utility chart and metrics table of the evaluations. No scripts, no
+network, no external fonts: charts are inline SVG from `toss_mlx.charts`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .charts import bars_svg, histogram_svg, scatter_svg
+from .data import check_fingerprint, read_rows
+from .evaluate import METRIC_LABELS, format_metric
+from .io import TossError, load_arrays, read_json, sha256_file, write_text
+
+SCORE_ARRAYS = ("offsets", "row_index", "token_ids", "response_mask", "loss_utility",
+                "loss_safety", "score")
+MASK_ARRAYS = ("offsets", "row_index", "keep")
+FINGERPRINT_KEYS = ("dataset_sha256", "tokenizer_sha256", "template", "max_seq_len")
+TAG_KEYS = ("source", "label", "category", "origin")
+POSITION_BUCKETS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 10), (11, 20), (21, 50),
+                    (51, 100), (101, 200), (201, None))
+MAX_TOKENS_SHOWN = 512  # response tokens drawn per sample; the rest is summarized
+CONTEXT_HEAD, CONTEXT_TAIL = 80, 240  # characters of prompt context shown around "..."
+
+
+@dataclass
+class ReportInputs:
+    scores: Path | None = None
+    mask: Path | None = None
+    data: Path | None = None
+    evals: list[Path] = field(default_factory=list)
+    model: str | None = None
+
+
+# ---------------------------------------------------------------- finding and reading inputs
+
+
+def _shallowest(run_dir: Path, name: str) -> Path | None:
+    found = sorted(run_dir.rglob(name), key=lambda p: (len(p.relative_to(run_dir).parts), str(p)))
+    if not found:
+        return None
+    depth = len(found[0].relative_to(run_dir).parts)
+    tied = [p for p in found if len(p.relative_to(run_dir).parts) == depth]
+    if len(tied) > 1:
+        raise TossError(f"{run_dir}: several {name} files at the same level "
+                        f"({', '.join(str(p) for p in tied)}); pick one with --scores/--mask")
+    return found[0]
+
+
+def find_run_inputs(run_dir: str | os.PathLike) -> ReportInputs:
+    """The files a run directory holds (see the module docstring for the layout)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TossError(f"{run_dir}: run directory not found")
+    inputs = ReportInputs(scores=_shallowest(run_dir, "scores.safetensors"),
+                          mask=_shallowest(run_dir, "mask.safetensors"))
+    inputs.evals = sorted(p for p in run_dir.rglob("eval*.json")
+                          if not any(part.endswith(".parts") for part in p.parts))
+    manifest = run_dir / "manifest.json"
+    if manifest.exists():
+        info = read_json(manifest)
+        if isinstance(info, dict):
+            if isinstance(info.get("model"), str):
+                inputs.model = info["model"]
+            if isinstance(info.get("data"), str) and Path(info["data"]).exists():
+                inputs.data = Path(info["data"])
+    if inputs.scores is None and not inputs.evals:
+        raise TossError(f"{run_dir}: no scores.safetensors and no eval*.json inside; nothing to report")
+    return inputs
+
+
+def _meta(meta: dict[str, str]) -> dict[str, Any]:
+    """Metadata values were JSON-encoded unless they were strings; decode what decodes."""
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[k] = v
+    return out
+
+
+def _check_layout(path: Path, arrays: dict[str, np.ndarray], names: tuple[str, ...], what: str) -> None:
+    missing = [k for k in names if k not in arrays]
+    if missing:
+        raise TossError(f"{path}: not a {what}: missing arrays {', '.join(missing)}")
+    offsets = arrays["offsets"]
+    total = len(next(arrays[k] for k in names if k not in ("offsets", "row_index")))
+    if (offsets.ndim != 1 or len(offsets) != len(arrays["row_index"]) + 1 or offsets[0] != 0
+            or offsets[-1] != total or np.any(np.diff(offsets) < 0)):
+        raise TossError(f"{path}: corrupt {what}: offsets do not partition its {total} tokens")
+    for k in names:
+        if k not in ("offsets", "row_index") and len(arrays[k]) != total:
+            raise TossError(f"{path}: corrupt {what}: '{k}' has {len(arrays[k])} entries, expected {total}")
+
+
+def load_scores(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    path = Path(path)
+    arrays, meta = load_arrays(path, "scores file")
+    _check_layout(path, arrays, SCORE_ARRAYS, "scores file")
+    return arrays, _meta(meta)
+
+
+def load_mask(path: str | os.PathLike, scores: dict[str, np.ndarray], scores_meta: dict[str, Any]
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The keep array of a mask made from these scores (same samples, same fingerprints)."""
+    path = Path(path)
+    arrays, meta = load_arrays(path, "mask file")
+    _check_layout(path, arrays, MASK_ARRAYS, "mask file")
+    meta = _meta(meta)
+    if all(k in scores_meta for k in FINGERPRINT_KEYS):
+        check_fingerprint(scores_meta, meta, f"{path}")
+    if not (np.array_equal(arrays["offsets"], scores["offsets"])
+            and np.array_equal(arrays["row_index"], scores["row_index"])):
+        raise TossError(f"{path}: the mask covers other samples than the scores file")
+    return arrays["keep"].astype(bool), meta
+
+
+def load_report_tokenizer(spec: str, scores_meta: dict[str, Any]):
+    """The tokenizer of `spec` (registry name, folder or hub id), checked against the scores."""
+    from mlx_lm.utils import load_tokenizer
+
+    from .data import tokenizer_sha256
+    from .models.load import resolve_model_path
+
+    path = resolve_model_path(spec)
+    try:
+        tokenizer = load_tokenizer(Path(path))
+    except (OSError, ValueError) as e:
+        raise TossError(f"{spec}: could not load its tokenizer ({e})") from None
+    want = scores_meta.get("tokenizer_sha256")
+    if want and tokenizer_sha256(tokenizer) != want:
+        raise TossError(f"{spec}: its tokenizer is not the one the scores were made with "
+                        "(tokenizer_sha256 differs); pass the scoring model with --model")
+    return tokenizer
+
+
+def read_tags(data: str | os.PathLike, scores_meta: dict[str, Any]) -> dict[int, str]:
+    """Row index -> tag (source/label/category/origin) of the data file the scores were made from."""
+    want = scores_meta.get("dataset_sha256")
+    if want and Path(data).exists() and sha256_file(data) != want:
+        raise TossError(f"{data}: not the data file the scores were made from (dataset_sha256 differs)")
+    tags = {}
+    for row in read_rows(data, skip_bad_rows=True):
+        for key in TAG_KEYS:
+            value = row.data.get(key)
+            if isinstance(value, (str, bool, int)) and not isinstance(value, float):
+                tags[row.index] = f"{key}: {value}"
+                break
+    return tags
+
+
+# ---------------------------------------------------------------- numbers behind the charts
+
+
+def token_pieces(tokenizer, ids: list[int] | np.ndarray, window: int = 6) -> list[str]:
+    """The text each token adds, so that the pieces join to the decoded text.
+
+    Decoding one token at a time breaks characters split across byte-level
+    tokens; the piece of token k is decode(ids[k-w:k+1]) minus decode(ids[k-w:k]),
+    where an incomplete UTF-8 tail (U+FFFD) waits for the token that completes it.
+    """
+    ids = [int(t) for t in ids]
+    pieces = []
+    for k in range(len(ids)):
+        lo = max(0, k - window)
+        before = tokenizer.decode(ids[lo:k]).rstrip("\ufffd") if k > lo else ""
+        after = tokenizer.decode(ids[lo:k + 1])
+        if k + 1 < len(ids):
+            after = after.rstrip("\ufffd")
+        pieces.append(after[len(before):] if after.startswith(before) else after)
+    return pieces
+
+
+def response_positions(response_mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """1-based position of each response token within its answer (a run of response tokens); 0 elsewhere."""
+    resp = response_mask.astype(bool)
+    total = len(resp)
+    idx = np.arange(total)
+    starts = resp.copy()
+    starts[1:] &= ~resp[:-1]
+    firsts = offsets[:-1][offsets[:-1] < total]
+    starts[firsts] = resp[firsts]  # an answer never continues across samples
+    last_start = np.maximum.accumulate(np.where(starts, idx, 0))
+    return np.where(resp, idx - last_start + 1, 0)
+
+
+def removal_by_position(response_mask: np.ndarray, keep: np.ndarray, offsets: np.ndarray
+                        ) -> list[tuple[str, int, int]]:
+    """(bucket label, removed, total) per response-position bucket that has tokens."""
+    pos = response_positions(response_mask, offsets)
+    removed = response_mask.astype(bool) & ~keep
+    out = []
+    for lo, hi in POSITION_BUCKETS:
+        sel = (pos >= lo) & ((pos <= hi) if hi else True) & (pos > 0)
+        total = int(sel.sum())
+        if total:
+            label = str(lo) if hi == lo else (f"{lo}-{hi}" if hi else f"{lo}+")
+            out.append((label, int((removed & sel).sum()), total))
+    return out
+
+
+def score_histogram(scores: np.ndarray, removed: np.ndarray, threshold: float | None,
+                    bins: int = 60) -> tuple[list[float], list[int], list[int]]:
+    """Bin edges and kept/removed counts; outliers beyond the 0.5/99.5 percentiles go to the end bins."""
+    lo, hi = (float(v) for v in np.percentile(scores, [0.5, 99.5]))
+    if threshold is not None:
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    width = (hi - lo) / bins
+    if threshold is not None:  # make the threshold a bin edge, so no bar mixes kept and removed
+        lo = threshold - math.ceil((threshold - lo) / width - 1e-9) * width
+        bins = max(1, math.ceil((hi - lo) / width - 1e-9))
+    edges = lo + width * np.arange(bins + 1)
+    which = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, bins - 1)
+    kept = np.bincount(which[~removed], minlength=bins)
+    gone = np.bincount(which[removed], minlength=bins)
+    return edges.tolist(), kept.tolist(), gone.tolist()
+
+
+def pick_samples(scores: dict[str, np.ndarray], top: int, random_n: int, seed: int
+                 ) -> tuple[list[int], list[int]]:
+    """The `top` samples with the highest token score, and `random_n` others drawn with `seed`."""
+    offsets, resp, s = scores["offsets"], scores["response_mask"].astype(bool), scores["score"]
+    n = len(offsets) - 1
+    risk = np.full(n, -np.inf)
+    for i in range(n):
+        a, b = offsets[i], offsets[i + 1]
+        if resp[a:b].any():
+            risk[i] = s[a:b][resp[a:b]].max()
+    order = [i for i in np.argsort(-risk, kind="stable") if np.isfinite(risk[i])]
+    riskiest = [int(i) for i in order[:top]]
+    rest = np.array(order[top:], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(rest, size=min(random_n, len(rest)), replace=False) if len(rest) else rest
+    return riskiest, sorted(int(i) for i in drawn)
+
+
+# ---------------------------------------------------------------- HTML
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f8fafc;color:#1e293b}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:1.6em;margin:0 0 4px} h2{margin-top:36px;border-bottom:2px solid #e2e8f0;padding-bottom:4px}
+.sub{color:#64748b} .note{color:#475569;font-size:.92em;max-width:80ch}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
+.card{background:#fff;border:1px solid #e2e8f0;border-radius:8px;padding:10px 14px;min-width:120px}
+.card b{display:block;font-size:1.25em}
+.sample{background:#fff;border:1px solid #e2e8f0;border-radius:8px;padding:12px 14px;margin:12px 0}
+.sample header{font-size:.9em;color:#475569;margin-bottom:6px}
+.tag{background:#ede9fe;color:#5b21b6;border-radius:4px;padding:1px 6px;margin-left:6px}
+.text{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,monospace;font-size:13px;line-height:1.9;
+white-space:pre-wrap;word-break:break-word}
+.ctx{color:#94a3b8}
+.t{border-radius:2px;padding:1px 0}
+.t:hover{outline:2px solid #0f172a}
+.rm{text-decoration:line-through;text-decoration-thickness:2px;text-decoration-color:#0f172a;
+box-shadow:inset 0 -2px 0 #0f172a}
+.more{color:#64748b;font-style:italic}
+.legend{display:flex;align-items:center;gap:8px;font-size:.9em;margin:8px 0}
+.ramp{width:240px;height:14px;border-radius:3px;
+background:linear-gradient(90deg,rgba(37,99,235,.85),rgba(255,255,255,1),rgba(220,38,38,.85))}
+svg.chart{width:100%;height:auto;background:#fff;border:1px solid #e2e8f0;border-radius:8px}
+svg .label{font-size:12px;font-weight:600}
+table{border-collapse:collapse;background:#fff;font-size:.92em}
+th,td{border:1px solid #e2e8f0;padding:5px 9px;text-align:right} th:first-child,td:first-child{text-align:left}
+th{background:#f1f5f9} td{white-space:nowrap} .wide{overflow-x:auto}
+"""
+
+
+def _colour(s: float, scale: float) -> tuple[str, bool]:
+    """Background for score s: red above 0, blue below, alpha by |s| / scale; and whether text goes white."""
+    a = min(abs(s) / scale, 1.0) * 0.85 if np.isfinite(s) else 0.0
+    rgb = "220,38,38" if s > 0 else "37,99,235"
+    return f"rgba({rgb},{a:.2f})", a > 0.55
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= CONTEXT_HEAD + CONTEXT_TAIL + 5:
+        return text
+    return text[:CONTEXT_HEAD] + " \u2026 " + text[-CONTEXT_TAIL:]
+
+
+def sample_html(i: int, scores: dict[str, np.ndarray], keep: np.ndarray | None, tokenizer,
+                scale: float, tags: dict[int, str]) -> str:
+    a, b = int(scores["offsets"][i]), int(scores["offsets"][i + 1])
+    ids = scores["token_ids"][a:b]
+    resp = scores["response_mask"][a:b].astype(bool)
+    s, lu, lh = scores["score"][a:b], scores["loss_utility"][a:b], scores["loss_safety"][a:b]
+    removed = resp & ~keep[a:b] if keep is not None else np.zeros(b - a, bool)
+    pieces = token_pieces(tokenizer, ids)
+    row = int(scores["row_index"][i])
+    parts, shown, j = [], 0, 0
+    while j < len(ids):
+        k = j
+        while k < len(ids) and resp[k] == resp[j]:
+            k += 1
+        if not resp[j]:
+            parts.append(f'<span class="ctx">{escape(_shorten("".join(pieces[j:k])))}</span>')
+        else:
+            for t in range(j, k):
+                if shown >= MAX_TOKENS_SHOWN:
+                    break
+                bg, white = _colour(float(s[t]), scale)
+                cls = "t rm" if removed[t] else "t"
+                style = f"background:{bg}" + (";color:#fff" if white else "")
+                tip = (f"loss_u {lu[t]:.3f} | loss_h {lh[t]:.3f} | S {s[t]:.3f}"
+                       + (" | removed" if removed[t] else ""))
+                parts.append(f'<span class="{cls}" style="{style}" title="{tip}">'
+                             f'{escape(pieces[t])}</span>')
+                shown += 1
+        j = k
+    hidden = int(resp.sum()) - shown
+    if hidden > 0:
+        parts.append(f'<span class="more"> [{hidden} more response tokens not shown]</span>')
+    top = float(s[resp].max()) if resp.any() else float("nan")
+    tag = f'<span class="tag">{escape(tags[row])}</span>' if row in tags else ""
+    return (f'<article class="sample" data-row="{row}"><header>row {row} &middot; max S {top:.3f} &middot; '
+            f'{int(removed.sum())} of {int(resp.sum())} response tokens removed{tag}</header>'
+            f'<div class="text">{"".join(parts)}</div></article>')
+
+
+def _cards(items: list[tuple[str, str]]) -> str:
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><b>{escape(v)}</b>{escape(k)}</div>' for k, v in items) + "</div>"
+
+
+def _tag_table(tags: dict[int, str], scores: dict[str, np.ndarray], removed: np.ndarray) -> str:
+    offsets, resp = scores["offsets"], scores["response_mask"].astype(bool)
+    per: dict[str, list[int]] = {}
+    for i, row in enumerate(scores["row_index"]):
+        a, b = offsets[i], offsets[i + 1]
+        entry = per.setdefault(tags.get(int(row), "(no tag)"), [0, 0, 0])
+        entry[0] += 1
+        entry[1] += int(resp[a:b].sum())
+        entry[2] += int(removed[a:b].sum())
+    total_removed = max(int(removed.sum()), 1)
+    total_tokens = max(int(resp.sum()), 1)
+    rows = "".join(
+        f"<tr><td>{escape(tag)}</td><td>{n}</td><td>{t}</td><td>{100 * t / total_tokens:.1f}%</td>"
+        f"<td>{r}</td><td>{100 * r / max(t, 1):.1f}%</td><td>{100 * r / total_removed:.1f}%</td></tr>"
+        for tag, (n, t, r) in sorted(per.items()))
+    return ("<table><tr><th>tag</th><th>samples</th><th>response tokens</th><th>share of tokens</th>"
+            "<th>removed</th><th>removal rate (recall)</th><th>share of removed (precision)</th></tr>"
+            + rows + "</table>")
+
+
+def _label_models(evals: list[tuple[Path, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    names = [m["name"] for _, e in evals for m in e.get("models", [])]
+    out = []
+    for path, e in evals:
+        for m in e.get("models", []):
+            label = m["name"] if names.count(m["name"]) == 1 else f"{path.parent.name}/{path.stem}/{m['name']}"
+            out.append((label, m))
+    return out
+
+
+def safety_utility_html(models: list[tuple[str, dict[str, Any]]]) -> str:
+    with_refusal = [(label, m["metrics"]) for label, m in models if "refusal_rate" in m["metrics"]]
+    if not with_refusal:
+        return '<p class="note">No harmful-prompt evaluation, so no safety-utility chart.</p>'
+    for key, xlabel, is_rate in (("exact_match", "exact match (higher is better)", True),
+                                 ("nll", "reference NLL (lower is better)", False),
+                                 ("over_refusal_rate", "over-refusal on edgy prompts (lower is better)",
+                                  True)):
+        if all(key in metrics for _, metrics in with_refusal):
+            points = [{"label": label, "x": metrics[key]["value"], "x_ci": metrics[key].get("ci95"),
+                       "y": metrics["refusal_rate"]["value"], "y_ci": metrics["refusal_rate"]["ci95"]}
+                      for label, metrics in with_refusal]
+            return scatter_svg(points, xlabel, "refusal rate on harmful prompts", is_rate)
+    return '<p class="note">The evaluations share no utility metric, so no safety-utility chart.</p>'
+
+
+def metrics_table_html(models: list[tuple[str, dict[str, Any]]]) -> str:
+    """One row per metric, one column per model; hovering a cell shows its sample count."""
+    head = "".join(f"<th>{escape(label)}</th>" for label, _ in models)
+    rows = []
+    for key, name in METRIC_LABELS.items():
+        if not any(key in m["metrics"] for _, m in models):
+            continue
+        cells = "".join(
+            f'<td title="n = {m["metrics"][key]["n"]}">{escape(format_metric(m["metrics"][key]))}</td>'
+            if key in m["metrics"] else "<td>-</td>" for _, m in models)
+        rows.append(f"<tr><td>{escape(name)}</td>{cells}</tr>")
+    return (f'<div class="wide"><table class="metrics"><tr><th>metric</th>{head}</tr>'
+            f'{"".join(rows)}</table></div>')
+
+
+def build_report(inputs: ReportInputs, out: str | os.PathLike, top: int = 20, random_n: int = 20,
+                 seed: int = 0, title: str = "TOSS report", tokenizer=None) -> dict[str, Any]:
+    """Write the HTML report; return a few of its numbers (for the CLI's summary line)."""
+    body, summary = [], {}
+    scores = meta = keep = mask_meta = None
+    if inputs.scores is None and (inputs.mask is not None or inputs.data is not None):
+        raise TossError("--mask and --data need the --scores they belong to")
+    if inputs.scores is not None:
+        scores, meta = load_scores(inputs.scores)
+        if inputs.mask is not None:
+            keep, mask_meta = load_mask(inputs.mask, scores, meta)
+    evals = []
+    for path in inputs.evals:
+        e = read_json(path)
+        if not isinstance(e, dict) or not isinstance(e.get("models"), list):
+            raise TossError(f"{path}: not an eval.json from `toss-mlx eval` (no 'models' list)")
+        evals.append((Path(path), e))
+    if scores is None and not evals:
+        raise TossError("nothing to report: give a run directory, --scores or --eval")
+
+    body.append(f"<h1>{escape(title)}</h1>")
+    if scores is not None:
+        spec = inputs.model or meta.get("model")
+        if tokenizer is None:
+            if not spec:
+                raise TossError(f"{inputs.scores}: no model recorded in the scores; pass --model "
+                                "so that token ids can be shown as text")
+            tokenizer = load_report_tokenizer(str(spec), meta)
+        tags = read_tags(inputs.data, meta) if inputs.data else {}
+        body += _scores_sections(scores, meta, keep, mask_meta, tokenizer, tags, top, random_n,
+                                 seed, summary)
+    if evals:
+        models = _label_models(evals)
+        body.append("<h2>Safety and utility</h2>")
+        body.append('<p class="note">Refusal rate on harmful prompts (keyword matcher, phrase anywhere '
+                    "in the answer) against utility, with Wilson 95% intervals. Up and to the "
+                    "good side of the utility axis is better.</p>")
+        body.append(safety_utility_html(models))
+        body.append("<h2>All metrics</h2>")
+        body.append('<p class="note">Rates with Wilson 95% intervals; hover a cell for its sample count. '
+                    f'From: {escape(", ".join(str(p) for p, _ in evals))}.</p>')
+        body.append(metrics_table_html(models))
+        summary["models_evaluated"] = len(models)
+    html = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>"
+            + "\n".join(body) + "</main></body></html>\n")
+    write_text(out, html)
+    summary["bytes"] = len(html.encode())
+    return summary
+
+
+def _scores_sections(scores, meta, keep, mask_meta, tokenizer, tags, top, random_n, seed,
+                     summary) -> list[str]:
+    resp = scores["response_mask"].astype(bool)
+    s = scores["score"]
+    removed = resp & ~keep if keep is not None else np.zeros(len(resp), bool)
+    n_resp, n_removed = int(resp.sum()), int(removed.sum())
+    strategy = (mask_meta or {}).get("strategy", "toss")
+    level = (mask_meta or {}).get("level", "global")
+    threshold = float(s[removed].min()) if n_removed and strategy == "toss" and level == "global" else None
+    scale = float(np.percentile(np.abs(s[resp]), 99)) if n_resp else 1.0
+    scale = scale if scale > 1e-6 else 1.0
+    summary.update(samples=len(scores["row_index"]), response_tokens=n_resp, removed_tokens=n_removed)
+
+    out = [f'<p class="sub">model {escape(str(meta.get("model", "?")))} &middot; template '
+           f'{escape(str(meta.get("template", "?")))} &middot; scores {escape(str(meta.get("dataset_sha256", ""))[:12])}</p>']
+    cards = [("samples", f"{len(scores['row_index']):,}"), ("response tokens", f"{n_resp:,}")]
+    if keep is not None:
+        cards += [("tokens removed", f"{n_removed:,} ({100 * n_removed / max(n_resp, 1):.1f}%)"),
+                  ("strategy", f"{strategy} / {level}"),
+                  ("threshold S", f"{threshold:.3f}" if threshold is not None else "-")]
+    cards.append(("mean S", f"{float(s[resp].mean()):.3f}" if n_resp else "-"))
+    out.append(_cards(cards))
+
+    riskiest, drawn = pick_samples(scores, top, random_n, seed)
+    out.append('<h2 id="heatmap">Token heatmap</h2>')
+    out.append('<div class="legend"><span>low S (safe)</span><span class="ramp"></span>'
+               f'<span>high S (unsafe)</span><span class="sub">&plusmn;{scale:.2f} = full colour; '
+               '<span class="rm">struck through</span> = removed from the loss; hover a token for '
+               "loss_u, loss_h and S. Grey: prompt context (shortened).</span></div>")
+    out.append(f'<section class="heatmap"><h3>Riskiest {len(riskiest)} samples (highest token score)</h3>')
+    out += [sample_html(i, scores, keep, tokenizer, scale, tags) for i in riskiest]
+    out.append(f"<h3>Random {len(drawn)} of the other samples (seed {seed})</h3>")
+    out += [sample_html(i, scores, keep, tokenizer, scale, tags) for i in drawn]
+    out.append("</section>")
+
+    out.append("<h2>Score distribution</h2>")
+    note = ("the dashed line is the selection threshold, the lowest score removed"
+            if threshold is not None else
+            f"strategy {strategy} / {level} removes tokens without one global threshold"
+            if keep is not None else "no mask given")
+    out.append(f'<p class="note">S = loss_u - loss_h over all {n_resp:,} response tokens; {note}. '
+               "Scores beyond the 0.5th and 99.5th percentiles are counted in the end bins.</p>")
+    if n_resp:
+        out.append(histogram_svg(*score_histogram(s[resp], removed[resp], threshold), threshold))
+
+    if keep is not None and n_resp:
+        buckets = removal_by_position(scores["response_mask"], keep, scores["offsets"])
+        out.append("<h2>Removal by position in the response</h2>")
+        out.append('<p class="note">Share of tokens removed at each position of an answer (1 = its '
+                   "first token). Fixed-position defenses mask only the first tokens; TOSS removes "
+                   "where the scores point, which concentrates early but not only there.</p>")
+        out.append(bars_svg([b[0] for b in buckets], [b[1] / b[2] for b in buckets],
+                            [(b[1], b[2]) for b in buckets], n_removed / n_resp,
+                            "position in the response (tokens)", "removal rate"))
+        if tags:
+            out.append("<h2>Removal by data tag</h2>")
+            out.append(_tag_table(tags, scores, removed))
+    return out
