@@ -6,6 +6,7 @@ from __future__ import annotations
 from . import (
     eval_report,  # noqa: F401
     export,  # noqa: F401
+    model,  # noqa: F401
 )
 from .common import app
 
