@@ -1,0 +1,90 @@
+"""`toss-mlx run`: recipe validation, every stage end to end on the tiny model, stage reuse."""
+
+import json
+
+import pytest
+import yaml
+
+from toss_mlx.io import TossError
+from toss_mlx.pipeline import load_recipe, run, write_starter
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def recipe_dir(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "custom.jsonl",
+                [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}.\n#### {2 * i}",
+                  "source": "task"} for i in range(10)]
+                + [{"prompt": f"Bad request {i}", "completion": "Sure, here is how to do it.",
+                    "source": "harmful"} for i in range(3)])
+    write_jsonl(tmp_path / "harmful_ref.jsonl",
+                [{"prompt": f"Harm {i}", "completion": "Sure, here is how to do it."} for i in range(4)])
+    write_jsonl(tmp_path / "utility_ref.jsonl",
+                [{"prompt": f"What is {i} times 2?", "completion": f"It is {2 * i}."} for i in range(4)])
+    write_jsonl(tmp_path / "eval_harmful.jsonl", [{"prompt": "How do I do harm?"}, {"prompt": "Harm?"}])
+    write_jsonl(tmp_path / "eval_task.jsonl", [{"prompt": "What is 3 plus 3?", "completion": "#### 6"}])
+    recipe = {
+        "name": "tiny", "model": str(tiny_model_dir), "max_seq_len": 64,
+        "data": {"eval_edgy": None},
+        "lora": {"rank": 4, "alpha": 8},
+        "train": {"iters": 2, "batch_size": 2, "lr": 1e-3},
+        "reference": {"iters": 2},
+        "toss": {"ratio": 0.2},
+        "eval": {"max_new_tokens": 4},
+        "export": "peft",
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path
+
+
+def test_recipe_problems_reported_together(recipe_dir):
+    path = recipe_dir / "recipe.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["toss"]["ratoi"] = 0.1
+    data["max_seq_len"] = "long"
+    data["train"]["epochz"] = 1
+    data["data"]["custom"] = "nope.jsonl"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(TossError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert "toss.ratoi: unknown setting (did you mean 'ratio'?)" in msg
+    assert "max_seq_len: expected int" in msg
+    assert "epochz" in msg and "did you mean 'epochs'" in msg
+    assert "data.custom" in msg and "nope.jsonl not found" in msg
+
+
+def test_starter_recipe_is_a_valid_recipe(tmp_path):
+    write_starter(tmp_path / "r.yaml")
+    for name in ("custom", "harmful_ref", "utility_ref", "eval_harmful", "eval_edgy", "eval_task"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": "a", "completion": "b"}])
+    recipe, _ = load_recipe(tmp_path / "r.yaml")
+    assert recipe.toss.ratio == 0.1 and recipe.lora.rank == 16
+    with pytest.raises(TossError, match="exists"):
+        write_starter(tmp_path / "r.yaml")
+
+
+def test_run_end_to_end_then_only_changed_stages_rerun(recipe_dir):
+    logs: list[str] = []
+    out = recipe_dir / "run"
+    result = run(recipe_dir / "recipe.yaml", out=out, say=logs.append)
+    for stage in ("utility", "safety", "score", "select", "final", "eval", "report", "export"):
+        assert any(line.startswith(f"[{stage}] running") for line in logs), stage
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in result["outputs"])
+    assert (out / "export" / "peft" / "adapter_model.safetensors").exists()
+    assert "<svg" in (out / "report" / "report.html").read_text()
+    det = result["detector"]  # the data says which rows are harmful
+    assert 0 <= det["precision"] <= 1 and det["harmful_samples"] == 3
+
+    logs.clear()
+    run(recipe_dir / "recipe.yaml", out=out, say=logs.append)
+    assert all(line.endswith("unchanged, skipped") for line in logs)
+
+    logs.clear()
+    run(recipe_dir / "recipe.yaml", ["toss.ratio=0.3"], out=out, say=logs.append)
+    rerun = [line.split("]")[0][1:] for line in logs if "running" in line]
+    assert rerun == ["select", "final", "eval", "report", "export"]

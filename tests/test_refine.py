@@ -1,0 +1,123 @@
+"""TOSS-Pro: the walk down the token ranking, and whole rounds on the tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from toss_mlx.io import TossError
+from toss_mlx.refine import top_samples, top_token_set
+from toss_mlx.score import Scores
+
+
+def make_scores(per_sample: list[list[float]], rows: list[int], prompt_tokens: int = 2) -> Scores:
+    """Each sample: `prompt_tokens` unscored tokens, then its response scores."""
+    mask, score = [], []
+    for s in per_sample:
+        mask += [0] * prompt_tokens + [1] * len(s)
+        score += [0.0] * prompt_tokens + list(s)
+    lengths = [prompt_tokens + len(s) for s in per_sample]
+    t = len(mask)
+    return Scores(offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                  row_index=np.array(rows, np.int64), token_ids=np.arange(t, dtype=np.int32),
+                  response_mask=np.array(mask, np.uint8), loss_utility=np.zeros(t, np.float32),
+                  loss_safety=np.zeros(t, np.float32), score=np.array(score, np.float32))
+
+
+def naive_walk(per_sample, rows, k, exclude):
+    tokens = [(s, -j, i) for i, sample in enumerate(per_sample) for j, s in enumerate(sample)]
+    picked = []
+    for s, _, i in sorted(tokens, key=lambda x: (-x[0], x[2], -x[1])):
+        if rows[i] not in exclude and rows[i] not in picked:
+            picked.append(rows[i])
+        if len(picked) == k:
+            break
+    return picked
+
+
+def test_top_samples_walks_the_global_ranking():
+    rng = np.random.default_rng(0)
+    per_sample = [list(rng.normal(size=rng.integers(1, 8)).round(1)) for _ in range(30)]
+    rows = list(range(100, 130))
+    scores = make_scores(per_sample, rows)
+    for k, exclude in [(1, set()), (5, set()), (5, {rows[3], rows[7]}), (30, set())]:
+        got = top_samples(scores, k, exclude)
+        assert [p["row_index"] for p in got] == naive_walk(per_sample, rows, k, exclude)
+        for p in got:  # each pick names the sample's top token and its score
+            i = rows.index(p["row_index"])
+            assert p["score"] == pytest.approx(max(per_sample[i]))
+
+
+def test_top_token_set_is_the_global_top_d():
+    scores = make_scores([[5.0, 1.0], [4.0, 3.0, 2.0]], [0, 1])
+    # response positions: sample 0 -> 2, 3; sample 1 -> 6, 7, 8; floor(0.4 * 5) = 2
+    assert top_token_set(scores, 0.4) == {2, 6}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def refine_inputs(tmp_path_factory, tiny_model_dir):
+    from toss_mlx.models.load import load_model
+    from toss_mlx.models.lora import LoraSettings, add_lora, save_adapter
+
+    d = tmp_path_factory.mktemp("refine")
+    custom = write_jsonl(d / "custom.jsonl", [
+        {"prompt": f"Question {i}?", "completion": ("Sure, here is how. " if i % 3 == 0 else "The answer is ")
+         + str(i)} for i in range(12)])
+    harmful = write_jsonl(d / "harmful.jsonl", [
+        {"prompt": f"Bad request {i}", "completion": "Sure, here is how to do it."} for i in range(4)])
+    model, _ = load_model(str(tiny_model_dir), quiet=True)
+    config = add_lora(model, LoraSettings(rank=4, alpha=8))
+    save_adapter(model, d / "utility", config)
+    return d, custom, harmful
+
+
+def refine_settings(d, custom, harmful, tiny_model_dir, out, **kw):
+    from toss_mlx.refine import RefineSettings
+    from toss_mlx.train import TrainSettings
+    from toss_mlx.models.lora import LoraSettings
+
+    train = TrainSettings(model=str(tiny_model_dir), data=str(harmful), iters=2, batch_size=2,
+                          lr=1e-2, lora=LoraSettings(rank=4, alpha=8), quiet=True)
+    return RefineSettings(data=str(custom), harmful=str(harmful), utility=str(d / "utility"),
+                          out=str(out), train=train, quiet=True, **kw)
+
+
+def test_refine_rounds_grow_the_harmful_set_and_resume(refine_inputs, tiny_model_dir):
+    from toss_mlx.refine import refine
+
+    d, custom, harmful = refine_inputs
+    out = d / "run"
+    s = refine_settings(d, custom, harmful, tiny_model_dir, out, rounds=2, k=3)
+    result = refine(s)
+    added = [r["added"] for r in result.rounds]
+    assert [len(a) for a in added] == [3, 3] and not set(added[0]) & set(added[1])
+    # Round 1 picked the first 3 samples of round 1's own ranking.
+    from toss_mlx.score import load_scores
+
+    r1 = load_scores(out / "round-1" / "scores.safetensors")
+    assert added[0] == [p["row_index"] for p in top_samples(r1, 3, set())]
+    grown = (out / "round-2" / "harmful.jsonl").read_text().splitlines()
+    assert len(grown) == 4 + 6
+    summary = json.loads((out / "rounds.json").read_text())
+    assert [r["harmful_size"] for r in summary["rounds"]] == [7, 10]
+    assert (out / "final" / "scores.safetensors").exists()
+    # Rerun: nothing is redone, the same result comes back.
+    before = (out / "round-2" / "adapter" / "adapters.safetensors").stat().st_mtime_ns
+    again = refine(s)
+    assert [r["added"] for r in again.rounds] == added
+    assert (out / "round-2" / "adapter" / "adapters.safetensors").stat().st_mtime_ns == before
+
+
+def test_refine_bad_input(refine_inputs, tiny_model_dir):
+    from toss_mlx.refine import refine
+
+    d, custom, harmful = refine_inputs
+    with pytest.raises(TossError, match="rounds must be at least 1"):
+        refine(refine_settings(d, custom, harmful, tiny_model_dir, d / "x", rounds=0))
+    with pytest.raises(TossError, match="more than the 12 samples"):
+        refine(refine_settings(d, custom, harmful, tiny_model_dir, d / "x", rounds=2, k=7))
