@@ -85,9 +85,15 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, config: dict[str, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "adapter_config.json", config)
-    with atomic_path(folder / "adapters.safetensors") as tmp:
+    save_mx_arrays(folder / "adapters.safetensors", adapter_weights(model))
+    return folder
+
+
+def save_mx_arrays(path: str | os.PathLike, arrays: dict[str, mx.array],
+                   metadata: dict[str, str] | None = None) -> None:
+    """Atomically write mlx arrays (any dtype, bfloat16 included) as safetensors."""
+    with atomic_path(path) as tmp:
         # mx.save_safetensors appends ".safetensors" to names lacking it.
         target = tmp.with_name(tmp.name + ".safetensors")
-        mx.save_safetensors(str(target), adapter_weights(model))
+        mx.save_safetensors(str(target), arrays, metadata=metadata or {})
         os.replace(target, tmp)
-    return folder

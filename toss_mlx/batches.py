@@ -1,0 +1,240 @@
+"""Token-masked batches and loss: what `toss-mlx train` feeds mlx-lm's trainer.
+
+1. `load_mask` reads a mask file written by `toss-mlx select` and refuses it
+   unless it was made for exactly this tokenized data (fingerprint, rows, offsets).
+2. `KeepDataset` holds each sample's tokens and keep mask: the response tokens
+   that the mask keeps (every response token when there is no mask). Removed
+   tokens stay in the input as context; they are only dropped from the loss.
+3. `epoch_batches` / `BatchPlan` / `iterate_batches` cut the data into batches from
+   (seed, epoch) alone, grouped by length like mlx-lm's and padded the same way,
+   every sample once per epoch. The batch of global step s is a pure function
+   of s, so a resumed run sees exactly the batches the killed run would have.
+4. `masked_loss` is the cross-entropy over kept targets, normalized per token
+   (the paper's equation) or per sample (the official code), with the
+   normalizer summed over all ranks so that N processes equal one process.
+
+A batch is the tuple `(tokens, lengths, keep)`; mlx-lm's compiled step passes
+every element of it to the loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .data import TokenizedData, check_fingerprint
+from .io import TossError, load_arrays
+
+LOSS_NORMS = ("token", "sample")
+PAD_TO = 32  # mlx-lm's padding step: few distinct shapes, so few recompiles
+
+
+# ---------------------------------------------------------------- 1. masks
+
+
+def load_mask(path: str | os.PathLike, data: TokenizedData) -> np.ndarray:
+    """Read a mask file and return its `keep` array (bool [T], aligned with `data.flat()`).
+
+    Refused with a clear message when the file is missing or unreadable, when it was
+    made for other data, tokenizer, template or max length, or when its rows and
+    token offsets disagree with `data`.
+    """
+    arrays, meta = load_arrays(path, "mask file")
+    missing = [k for k in ("offsets", "row_index", "keep") if k not in arrays]
+    if missing:
+        raise TossError(f"{path}: not a mask file (missing arrays: {', '.join(missing)})")
+    check_fingerprint(data.fingerprint, meta, f"mask file {path}")
+    flat = data.flat()
+    offsets, rows, keep = arrays["offsets"], arrays["row_index"], arrays["keep"]
+    if len(rows) != len(flat["row_index"]) or not np.array_equal(rows, flat["row_index"]):
+        raise TossError(f"{path}: the mask covers rows other than the data's "
+                        f"({len(rows)} vs {len(flat['row_index'])} samples); remake it with `toss-mlx select`")
+    if not np.array_equal(offsets, flat["offsets"]):
+        raise TossError(f"{path}: the mask's token offsets differ from the tokenized data; "
+                        "remake it with `toss-mlx select`")
+    if keep.ndim != 1 or len(keep) != int(offsets[-1]):
+        raise TossError(f"{path}: 'keep' has {keep.size} entries, the data has {int(offsets[-1])} tokens")
+    return keep.astype(bool)
+
+
+# ---------------------------------------------------------------- 2. samples
+
+
+@dataclass
+class KeepDataset:
+    """Samples as token arrays plus keep masks; `keep[j]`: token j is a loss target."""
+
+    tokens: list[np.ndarray]  # int32 [L]
+    keep: list[np.ndarray]  # bool [L]
+    response_targets: np.ndarray  # int64 [N]: response tokens that can be targets (j >= 1)
+
+    @classmethod
+    def build(cls, data: TokenizedData, mask_keep: np.ndarray | None = None) -> KeepDataset:
+        """keep = response_mask AND the mask file's keep (no mask: every response token)."""
+        flat = data.flat()
+        tokens, keep = [], []
+        for i, sample in enumerate(data.samples):
+            k = sample.response_mask.astype(bool)
+            if mask_keep is not None:
+                k = k & mask_keep[flat["offsets"][i]:flat["offsets"][i + 1]]
+            tokens.append(sample.tokens.astype(np.int32))
+            keep.append(k)
+        response = np.array([int(s.response_mask[1:].sum()) for s in data.samples], np.int64)
+        return cls(tokens, keep, response)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.tokens], np.int64)
+
+    @property
+    def kept_targets(self) -> np.ndarray:
+        return np.array([int(k[1:].sum()) for k in self.keep], np.int64)
+
+
+# ---------------------------------------------------------------- 3. batches
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int | None, epoch: int = 0,
+                  group_by_length: bool = True) -> np.ndarray:
+    """Sample indices of every batch of one epoch: int64 [n_batches, batch_size], -1 = empty row.
+
+    With a seed: shuffled from (seed, epoch), then (stably) grouped by length so that
+    equal-length ties differ between epochs, and the batch order shuffled. Without a
+    seed (validation): a fixed order. The last batch is filled with empty rows (no
+    tokens, nothing kept), which add nothing to either normalization.
+    """
+    n = len(lengths)
+    if seed is None:
+        order = np.arange(n)
+        rng = None
+    else:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(n)
+    if group_by_length:
+        order = order[np.argsort(lengths[order], kind="stable")]
+    n_batches = -(-n // batch_size)
+    padded = np.full(n_batches * batch_size, -1, np.int64)
+    padded[:n] = order
+    batches = padded.reshape(n_batches, batch_size)
+    return batches if rng is None else batches[rng.permutation(n_batches)]
+
+
+def steps_per_epoch(n_samples: int, batch_size: int) -> int:
+    return -(-n_samples // batch_size)
+
+
+def make_batch(dataset: KeepDataset, indices: np.ndarray, max_seq_length: int
+               ) -> tuple[mx.array, mx.array, mx.array]:
+    """Pad the samples `indices` (-1: empty row) into (tokens, lengths, keep)."""
+    lengths = [len(dataset.tokens[i]) if i >= 0 else 0 for i in indices]
+    width = 1 + PAD_TO * (-(-max(lengths) // PAD_TO))  # like mlx-lm: one plus a multiple of 32
+    width = max(2, min(width, max_seq_length), max(lengths))
+    tokens = np.zeros((len(indices), width), np.int32)
+    keep = np.zeros((len(indices), width), bool)
+    for row, i in enumerate(indices):
+        if i >= 0:
+            tokens[row, :lengths[row]] = dataset.tokens[i]
+            keep[row, :lengths[row]] = dataset.keep[i]
+    return mx.array(tokens), mx.array(np.array(lengths, np.int32)), mx.array(keep)
+
+
+class BatchPlan:
+    """The training batches of every global step: epoch after epoch, from (seed, epoch)."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int,
+                 group_by_length: bool = True):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group_by_length = group_by_length
+        self.per_epoch = steps_per_epoch(len(lengths), batch_size)
+        self._epoch, self._batches = -1, None
+
+    def step(self, step: int) -> np.ndarray:
+        """The sample indices (-1: empty row) of global step `step` (0-based)."""
+        epoch = step // self.per_epoch
+        if epoch != self._epoch:  # one shuffle per epoch, not per step
+            self._epoch = epoch
+            self._batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch,
+                                          self.group_by_length)
+        return self._batches[step % self.per_epoch]
+
+
+def iterate_batches(dataset: KeepDataset, batch_size: int, max_seq_length: int,
+                    loop: bool = False, seed: int | None = None, comm_group=None, *,
+                    start_step: int = 0, group_by_length: bool = True
+                    ) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
+    """mlx-lm's `iterate_batches` hook: yields (tokens, lengths, keep) for this rank.
+
+    `batch_size` is the global batch; rank r of W takes rows r, r+W, ... of each.
+    loop=True (training): global steps start_step, start_step+1, ... forever,
+    epoch after epoch. loop=False (validation): every sample once, fixed order.
+    """
+    rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+    if batch_size % world:
+        raise TossError(f"the batch size ({batch_size}) must be divisible by the number of processes ({world})")
+    if not loop:
+        for indices in epoch_batches(dataset.lengths, batch_size, None, 0, group_by_length):
+            yield make_batch(dataset, indices[rank::world], max_seq_length)
+        return
+    plan = BatchPlan(dataset.lengths, batch_size, seed or 0, group_by_length)
+    for step in itertools.count(start_step):
+        yield make_batch(dataset, plan.step(step)[rank::world], max_seq_length)
+
+
+# ---------------------------------------------------------------- 4. loss
+
+
+def masked_cross_entropy(logits: mx.array, targets: mx.array, keep: mx.array,
+                         norm: str = "token") -> tuple[mx.array, mx.array]:
+    """(numerator, denominator) of the masked loss; loss = numerator / max(denominator, 1).
+
+    token:  sum of CE over kept targets / number of kept targets.
+    sample: sum over samples with >= 1 kept target of their mean CE / number of such samples.
+    A sample (or batch) with nothing kept adds exactly 0 to both: no NaN, zero gradient.
+    """
+    if norm not in LOSS_NORMS:
+        raise ValueError(f"unknown loss norm {norm!r} (expected one of {', '.join(LOSS_NORMS)})")
+    keep = keep.astype(mx.bool_)
+    # `where` (not multiply) so that a removed target's gradient is exactly zero.
+    ce = mx.where(keep, nn.losses.cross_entropy(logits, targets), 0).astype(mx.float32)
+    if norm == "token":
+        return ce.sum(), keep.sum().astype(mx.float32)
+    per_sample = keep.sum(axis=1)
+    means = ce.sum(axis=1) / mx.maximum(per_sample, 1).astype(mx.float32)
+    return means.sum(), (per_sample > 0).sum().astype(mx.float32)
+
+
+def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array, keep: mx.array,
+                norm: str = "token") -> tuple[mx.array, mx.array]:
+    """Training loss for mlx-lm's trainer: (loss, tokens in the batch).
+
+    Under W processes the denominator is summed over all ranks and the loss scaled
+    by W, so that the mean of the ranks' gradients (mlx-lm's average_gradients)
+    equals the gradient of one process holding the whole global batch.
+    """
+    logits = model(tokens[:, :-1])
+    numerator, denominator = masked_cross_entropy(logits, tokens[:, 1:], keep[:, 1:], norm)
+    world = mx.distributed.init().size()
+    if world > 1:
+        denominator = mx.distributed.all_sum(mx.stop_gradient(denominator))
+    return numerator * world / mx.maximum(denominator, 1), lengths.sum()
+
+
+def masked_eval_loss(model: nn.Module, tokens: mx.array, lengths: mx.array, keep: mx.array,
+                     norm: str = "token") -> tuple[mx.array, mx.array]:
+    """Validation loss for mlx-lm's `evaluate`: (this batch's loss, its weight).
+
+    `evaluate` sums loss * weight and weight over all batches and ranks, which gives
+    the same normalization over the whole validation set.
+    """
+    logits = model(tokens[:, :-1])
+    numerator, denominator = masked_cross_entropy(logits, tokens[:, 1:], keep[:, 1:], norm)
+    return numerator / mx.maximum(denominator, 1), denominator
