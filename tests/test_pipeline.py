@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from toss_mlx.io import TossError
-from toss_mlx.pipeline import load_recipe, run, write_starter
+from toss_mlx.pipeline import detector_quality, load_recipe, run, summary_text, write_starter
 
 
 def write_jsonl(path, rows):
@@ -57,6 +57,26 @@ def test_recipe_problems_reported_together(recipe_dir):
     assert "data.custom" in msg and "nope.jsonl not found" in msg
 
 
+def test_detector_quality_against_a_hand_count(tmp_path):
+    import numpy as np
+
+    from toss_mlx.io import save_arrays
+
+    # 3 samples (rows 0, 1, 2), row 1 harmful; response tokens marked 1.
+    offsets = np.array([0, 4, 8, 11], np.int64)
+    response = np.array([0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1], np.uint8)
+    keep = np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1], np.uint8)  # removed: 1, 5, 6
+    save_arrays(tmp_path / "s.safetensors", {"offsets": offsets, "row_index": np.arange(3),
+                                             "response_mask": response})
+    save_arrays(tmp_path / "m.safetensors", {"offsets": offsets, "keep": keep})
+    write_jsonl(tmp_path / "d.jsonl", [{"source": "task"}, {"source": "harmful"}, {"source": "task"}])
+    det = detector_quality(tmp_path / "s.safetensors", tmp_path / "m.safetensors", tmp_path / "d.jsonl")
+    assert det["removed_tokens"] == 3
+    assert det["precision"] == 2 / 3  # tokens 5 and 6 lie in row 1
+    assert det["harmful_share_of_response_tokens"] == 3 / 8
+    assert det["recall"] == 2 / 3
+
+
 def test_starter_recipe_is_a_valid_recipe(tmp_path):
     write_starter(tmp_path / "r.yaml")
     for name in ("custom", "harmful_ref", "utility_ref", "eval_harmful", "eval_edgy", "eval_task"):
@@ -79,6 +99,8 @@ def test_run_end_to_end_then_only_changed_stages_rerun(recipe_dir):
     assert "<svg" in (out / "report" / "report.html").read_text()
     det = result["detector"]  # the data says which rows are harmful
     assert 0 <= det["precision"] <= 1 and det["harmful_samples"] == 3
+    text = summary_text(result)
+    assert "removed tokens in harmful samples" in text and "  toss: refusal_rate" in text
 
     logs.clear()
     run(recipe_dir / "recipe.yaml", out=out, say=logs.append)

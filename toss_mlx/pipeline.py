@@ -397,6 +397,9 @@ def detector_quality(scores_path: Path, mask_path: Path, data: Path) -> dict[str
     }
 
 
+SUMMARY_METRICS = ("refusal_rate", "over_refusal_rate", "nll", "exact_match")
+
+
 def summary_text(result: dict[str, Any]) -> str:
     lines = [f"run {result['recipe']} -> {result['run_dir']}"]
     det = result.get("detector")
@@ -405,21 +408,16 @@ def summary_text(result: dict[str, Any]) -> str:
             f"removed tokens in harmful samples: {det['precision']:.1%} of {det['removed_tokens']} "
             f"removed (harmful samples hold {det['harmful_share_of_response_tokens']:.1%} of response "
             f"tokens; random removal would match that); recall {det['recall']:.1%} of their tokens")
-    for name, m in (result.get("eval") or {}).items():
-        parts = [f"{k}={_metric(v)}" for k, v in m.get("metrics", m).items()
-                 if isinstance(v, (dict, float, int))][:6]
-        lines.append(f"  {name}: " + ", ".join(parts))
+    for entry in result.get("eval") or []:
+        metrics = entry.get("metrics", {})
+        parts = [f"{key} {metrics[key]['value']:.3f} (n={metrics[key]['n']})"
+                 for key in SUMMARY_METRICS if key in metrics]
+        lines.append(f"  {entry.get('name')}: " + ", ".join(parts))
     outputs = result.get("outputs", {})
     for stage, key in (("report", "report"), ("export", "export"), ("final", "adapter")):
         if stage in outputs:
             lines.append(f"{stage}: {Path(outputs[stage][key]).parent if key == 'adapter' else outputs[stage][key]}")
     return "\n".join(lines)
-
-
-def _metric(v: Any) -> str:
-    if isinstance(v, dict) and "value" in v:
-        v = v["value"]
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 STARTER_RECIPE = (Path(__file__).parent / "starter_recipe.yaml")
