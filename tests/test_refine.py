@@ -27,7 +27,7 @@ def make_scores(per_sample: list[list[float]], rows: list[int], prompt_tokens: i
 def naive_walk(per_sample, rows, k, exclude):
     tokens = [(s, -j, i) for i, sample in enumerate(per_sample) for j, s in enumerate(sample)]
     picked = []
-    for s, _, i in sorted(tokens, key=lambda x: (-x[0], x[2], -x[1])):
+    for _score, _, i in sorted(tokens, key=lambda x: (-x[0], x[2], -x[1])):
         if rows[i] not in exclude and rows[i] not in picked:
             picked.append(rows[i])
         if len(picked) == k:
@@ -77,9 +77,9 @@ def refine_inputs(tmp_path_factory, tiny_model_dir):
 
 
 def refine_settings(d, custom, harmful, tiny_model_dir, out, **kw):
+    from toss_mlx.models.lora import LoraSettings
     from toss_mlx.refine import RefineSettings
     from toss_mlx.train import TrainSettings
-    from toss_mlx.models.lora import LoraSettings
 
     train = TrainSettings(model=str(tiny_model_dir), data=str(harmful), iters=2, batch_size=2,
                           lr=1e-2, lora=LoraSettings(rank=4, alpha=8), quiet=True)
@@ -111,6 +111,19 @@ def test_refine_rounds_grow_the_harmful_set_and_resume(refine_inputs, tiny_model
     again = refine(s)
     assert [r["added"] for r in again.rounds] == added
     assert (out / "round-2" / "adapter" / "adapters.safetensors").stat().st_mtime_ns == before
+
+
+def test_refine_continue_starts_each_round_from_the_previous_adapter(refine_inputs, tiny_model_dir):
+    from toss_mlx.refine import refine
+
+    d, custom, harmful = refine_inputs
+    out = d / "continue"
+    refine(refine_settings(d, custom, harmful, tiny_model_dir, out, rounds=1, k=2, retrain="continue"))
+    run = json.loads((out / "round-1" / "adapter" / "run.json").read_text())
+    assert json.dumps(run).count("init_adapter_sha256") == 1
+    from toss_mlx.io import sha256_file
+
+    assert sha256_file(out / "round-0" / "adapter" / "adapters.safetensors") in json.dumps(run)
 
 
 def test_refine_bad_input(refine_inputs, tiny_model_dir):

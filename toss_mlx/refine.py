@@ -119,9 +119,9 @@ def _train_safety(s: RefineSettings, harmful: Path, out: Path, start: Path | Non
     if (out / "adapters.safetensors").exists() and (out / "done").exists():
         return out
     started = (out / "train_log.jsonl").exists()
-    extra = {"init_adapter": str(start)} if start else {}
     settings = dataclasses.replace(s.train, data=str(harmful), out=str(out), mask=None, valid=None,
-                                   resume=started, overwrite=not started, quiet=s.quiet, **extra)
+                                   resume=started, overwrite=not started, quiet=s.quiet,
+                                   init_adapter=str(start) if start else None)
     train(settings)
     write_text(out / "done", "")
     return out
