@@ -37,7 +37,7 @@ def masked_text(sample, tokenizer):
 def spans_of(mask):
     """Contiguous runs of True: [(start, end), ...]."""
     edges = np.diff(np.concatenate([[0], mask.astype(int), [0]]))
-    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
 
 
 @pytest.mark.parametrize("template", ["chat", "plain"])
@@ -48,7 +48,7 @@ def test_multi_turn_mask_covers_every_assistant_turn_exactly(tmp_path, tokenizer
     runs = spans_of(s.response_mask)
     assert len(runs) == 2  # one run per assistant turn, nothing else
     answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
-    for (a, b), answer in zip(runs, answers):
+    for (a, b), answer in zip(runs, answers, strict=True):
         assert tokenizer.decode(s.tokens[a:b].tolist()) == answer + EOS
     # Everything outside the runs decodes to the rest of the rendered text: no token is lost.
     text, _ = render(CONVERSATION, tokenizer, template)
@@ -123,7 +123,7 @@ def test_bad_row_names_file_line_and_problem(tmp_path, tokenizer, line, problem)
     f = write_jsonl(tmp_path / "bad.jsonl", [good, good, line, good])
     with pytest.raises(TossError) as e:
         tokenize_dataset(f, tokenizer)
-    assert f"bad.jsonl:3: " in str(e.value) and problem in str(e.value)
+    assert "bad.jsonl:3: " in str(e.value) and problem in str(e.value)
     data = tokenize_dataset(f, tokenizer, skip_bad_rows=True)
     assert [s.row_index for s in data.samples] == [0, 1, 3]
     assert [line for line, _ in data.skipped] == [3]
