@@ -1,0 +1,99 @@
+"""`toss-mlx score` (per-token risk scores) and `toss-mlx select` (which tokens leave the loss)."""
+
+from __future__ import annotations
+
+import typer
+
+from .common import app, friendly
+
+
+@app.command("score")
+@friendly
+def score(
+    model: str = typer.Option(..., "--model", "-m", help="Base model: registry name "
+                              "(smollm2-135m-instruct), mlx-lm or HF folder, or hub id. Loaded once "
+                              "for both adapters."),
+    utility: str = typer.Option(..., "--utility", "-u", help="Utility-oriented reference adapter "
+                                "(mlx-lm adapter folder trained on task data)."),
+    safety: str = typer.Option(..., "--safety", "-s", help="Safety-degraded reference adapter "
+                               "(mlx-lm adapter folder trained on harmful data)."),
+    data: str = typer.Option(..., "--data", "-d", help="The custom fine-tuning data to score "
+                             "(JSONL/JSON/parquet, any format `toss-mlx train` reads)."),
+    out: str = typer.Option("scores.safetensors", "--out", "-o", help="Scores file to write "
+                            "(atomically). Partial results live in OUT.partial/ until it is done; "
+                            "run the same command again after a kill to resume."),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Token budget per batch: "
+                                     "samples x padded length (samples are grouped by length)."),
+    template: str = typer.Option("chat", "--template", help="chat (the tokenizer's chat template) "
+                                 "or plain (the paper's 'Human: ... Assistant: ...'). Use what "
+                                 "the adapters were trained with."),
+    max_seq_len: int = typer.Option(2048, "--max-seq-len", help="Truncate samples to this many "
+                                    "tokens, as `toss-mlx train` does."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip malformed rows "
+                                       "(listed in the summary) instead of stopping."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (for scripts)."),
+) -> None:
+    """Score every response token: S = loss under the utility model - loss under the safety model.
+
+    High S = the safety-degraded model predicts the token much better than the
+    utility model (risky). Writes offsets, row_index, token_ids, response_mask,
+    loss_utility, loss_safety and score, with the data's fingerprint. Under
+    `mlx.launch` the rows are shared among the processes.
+    """
+    from toss_mlx.score import ScoreSettings, summary
+    from toss_mlx.score import score as run_score
+
+    result = run_score(ScoreSettings(model=model, utility=utility, safety=safety, data=data, out=out,
+                                     template=template, max_seq_len=max_seq_len,
+                                     batch_tokens=batch_tokens, skip_bad_rows=skip_bad_rows,
+                                     quiet=quiet))
+    if not quiet and _rank0():
+        typer.echo(f"{out}: {summary(result)}")
+
+
+@app.command("select")
+@friendly
+def select(
+    scores: str = typer.Option(..., "--scores", help="scores.safetensors from `toss-mlx score`."),
+    ratio: float = typer.Option(0.1, "--ratio", "-r", help="Share of scored response tokens to "
+                                "remove, between 0 and 1 (the paper: 0.1; its code: 0.2). "
+                                "Not used by first-k."),
+    out: str = typer.Option("mask.safetensors", "--out", "-o", help="Mask file to write "
+                            "(atomically) for `toss-mlx train --mask`."),
+    level: str = typer.Option("global", "--level", help="global: rank tokens over the whole data "
+                              "set (the paper); sample: remove the ratio within each sample."),
+    strategy: str = typer.Option("toss", "--strategy", help="toss (highest score S), random "
+                                 "(same count, seeded), first-k (first k tokens of every answer), "
+                                 "sample-filter (whole samples by mean S, same budget), "
+                                 "safety-only (lowest safety-model loss), utility-only "
+                                 "(highest utility-model loss)."),
+    k: int = typer.Option(5, "--k", help="Tokens per answer for first-k."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random."),
+    data: str = typer.Option(None, "--data", "-d", help="Optional: check that the scores were "
+                             "made for this data file (its hash; every token with --model)."),
+    model: str = typer.Option(None, "--model", "-m", help="Optional, with --data: the model whose "
+                              "tokenizer re-tokenizes the data for the check."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary (for scripts)."),
+) -> None:
+    """Choose the response tokens that leave the loss; they stay in the input as context."""
+    from toss_mlx.select import format_summary, load_tokenizer, select_file
+
+    tokenizer = None
+    if model is not None:
+        if data is None:
+            raise typer.BadParameter("--model only checks the scores against --data; give both")
+        tokenizer = load_tokenizer(model)
+    sel = select_file(scores, out, ratio=ratio, strategy=strategy, level=level, k=k, seed=seed,
+                      data=data, tokenizer=tokenizer)
+    if not quiet:
+        typer.echo(format_summary(sel))
+        typer.echo(f"wrote {out}")
+
+
+def _rank0() -> bool:
+    import mlx.core as mx
+
+    try:
+        return mx.distributed.init().rank() == 0
+    except Exception:
+        return True

@@ -1,0 +1,336 @@
+"""Per-token cross-entropy at chosen positions, with no vocabulary projection elsewhere.
+
+`response_losses(model, inputs, rows, targets)` runs the transformer body once
+over a right-padded batch, gathers the hidden states of the rows that need a
+loss (the positions that predict a response token), and projects only those
+onto the vocabulary, in chunks of rows so memory stays bounded for large
+vocabularies. Prompt positions never see the language-model head.
+
+Three ways to get the final hidden states, picked once per model by
+`pick_path`, which checks each against the model's own full logits on a real
+input and takes the fastest that agrees:
+
+- `cpu-fast`: llama-style blocks (llama, mistral, qwen2, smollm...) run
+  module by module, with the exp-heavy steps (attention softmax, SiLU, the
+  cross-entropy's log-sum-exp) done by numpy. MLX's x86 CPU backend computes
+  `exp` one element at a time (about 12 ns per float32 on the 2-core
+  reference machine), numpy's SIMD `exp` about 0.5 ns; for a 135M model those
+  exps cost more than the matmuls. Only used on Linux CPUs. The causal
+  attention skips key blocks above the diagonal.
+- `body`: `model.model(inputs)` (mlx-lm's own forward) then the tied
+  embedding (`as_linear`) or `lm_head`.
+- `full`: `model(inputs)` one sample at a time, for architectures whose head
+  does more than a projection (logit scaling, soft-capping).
+
+Right padding is safe without an attention mask: attention is causal, so a
+position never sees the padding after it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+PATHS = ("cpu-fast", "body", "full")
+HEAD_CHUNK_BYTES = 256 << 20  # logits per chunk of rows: bounded memory for any vocabulary
+ATTN_BLOCK = 64  # query block of the causal attention; keys above the diagonal are skipped
+
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "rope"}
+_MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj"}
+
+
+# ---------------------------------------------------------------- numpy helpers
+
+
+def _threads() -> int:
+    """Threads for the numpy steps: $TOSS_MLX_NUM_THREADS, else the cores (at most 8)."""
+    try:
+        return max(1, int(os.environ.get("TOSS_MLX_NUM_THREADS", "")))
+    except ValueError:
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _parallel_rows(fn, n: int, min_rows: int = 1) -> None:
+    """Run fn(start, stop) over row ranges of [0, n) on a few threads (numpy frees the GIL)."""
+    global _pool
+    k = min(_threads(), max(1, n // max(1, min_rows)))
+    if k == 1:
+        fn(0, n)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_threads(), thread_name_prefix="toss-np")
+    bounds = np.linspace(0, n, k + 1).astype(int)
+    list(_pool.map(lambda i: fn(bounds[i], bounds[i + 1]), range(k)))
+
+
+def _own_buffer(a: mx.array) -> tuple[np.ndarray, mx.array]:
+    """A writeable numpy view of a freshly computed array that nothing else holds.
+
+    Writing through the view changes the MLX array itself, which saves a copy
+    of large blocks (attention scores, logits). If MLX hands out no writeable
+    contiguous view, work on a copy and return it as a new MLX array.
+    """
+    mx.eval(a)
+    view = np.asarray(a)
+    if view.flags.c_contiguous and view.flags.writeable:
+        return view, a
+    copy = np.array(view, dtype=np.float32, order="C")
+    return copy, None  # the caller converts the copy back when it needs an MLX array
+
+
+def _exp_scores_np(scores: mx.array, start: int, rep: int) -> tuple[mx.array, mx.array]:
+    """(exp(scores - row max), row sums), causal mask from key `start` on.
+
+    scores: [B, KV, rep * n, start + n], the query block's rows stacked per kv
+    head (rep query heads of n rows each): the fresh output of the QK matmul,
+    normalized in place; the division by the sums is left for after the PV
+    matmul (fewer passes over the block).
+    """
+    s, same = _own_buffer(scores)
+    n = s.shape[-1] - start
+    flat = s.reshape(-1, rep, n, s.shape[-1])
+    mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)
+    sums = np.empty(flat.shape[:-1] + (1,), np.float32)
+
+    def work(a, b):
+        x = flat[a:b]
+        x[..., start:] += mask
+        x -= x.max(-1, keepdims=True)
+        np.exp(x, out=x)
+        sums[a:b] = x.sum(-1, keepdims=True)
+
+    _parallel_rows(work, flat.shape[0])
+    return (same if same is not None else mx.array(s)), mx.array(sums.reshape(*scores.shape[:-1], 1))
+
+
+def _exp_neg_np(x: mx.array) -> mx.array:
+    """exp(-x) by numpy (row-parallel)."""
+    src = np.asarray(x).reshape(-1, x.shape[-1])
+    out = np.empty(src.shape, np.float32)
+
+    def work(a, b):
+        np.negative(src[a:b], out=out[a:b])
+        np.exp(out[a:b], out=out[a:b])
+
+    _parallel_rows(work, src.shape[0], min_rows=64)
+    return mx.array(out.reshape(x.shape))
+
+
+def _cross_entropy_np(logits: mx.array, targets: np.ndarray) -> np.ndarray:
+    """logsumexp(logits) - logits[target] per row, by numpy (row-parallel).
+
+    `logits` must be a freshly evaluated array that nothing else holds: it is
+    overwritten in place (no copy of a [rows, vocab] block).
+    """
+    z, _ = _own_buffer(logits)
+    out = np.empty(z.shape[0], np.float32)
+
+    def work(a, b):
+        x = z[a:b]
+        target = x[np.arange(b - a), targets[a:b]]
+        m = x.max(-1, keepdims=True)
+        x -= m
+        np.exp(x, out=x)
+        out[a:b] = np.log(x.sum(-1)) + m[:, 0] - target
+
+    _parallel_rows(work, z.shape[0], min_rows=16)
+    return out
+
+
+@mx.compile
+def _swiglu_from_exp(gate: mx.array, up: mx.array, exp_neg_gate: mx.array) -> mx.array:
+    return gate * up / (1.0 + exp_neg_gate)
+
+
+# ---------------------------------------------------------------- the model's parts
+
+
+def head(model: nn.Module):
+    """The vocabulary projection: the tied embedding or lm_head, or None if unknown."""
+    args = getattr(model, "args", None)
+    inner = getattr(model, "model", None)
+    if inner is None:
+        return None
+    if getattr(args, "tie_word_embeddings", False) and hasattr(inner, "embed_tokens"):
+        return inner.embed_tokens.as_linear
+    if hasattr(model, "lm_head"):
+        return model.lm_head
+    return None
+
+
+def _children(module: nn.Module) -> set[str]:
+    return {k for k, v in module.children().items() if isinstance(v, nn.Module)}
+
+
+def llama_like(model: nn.Module) -> bool:
+    """Pre-norm blocks of plain GQA attention + SwiGLU MLP, full causal attention, no extras."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not layers or not hasattr(inner, "embed_tokens") or not hasattr(inner, "norm"):
+        return False
+    if getattr(inner, "sliding_window", None) or getattr(getattr(model, "args", None), "sliding_window", None):
+        return False
+    for layer in layers:
+        at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if at is None or mlp is None or getattr(layer, "use_sliding", False):
+            return False
+        if _children(layer) != _LAYER_CHILDREN or _children(at) != _ATTN_CHILDREN:
+            return False
+        if _children(mlp) != _MLP_CHILDREN:
+            return False
+        if not all(hasattr(at, a) for a in ("n_heads", "n_kv_heads", "scale")):
+            return False
+    return True
+
+
+def _attention_cpu(at: nn.Module, x: mx.array) -> mx.array:
+    B, L, _ = x.shape
+    H, KV = at.n_heads, at.n_kv_heads
+    rep = H // KV
+    q = at.q_proj(x).reshape(B, L, H, -1).transpose(0, 2, 1, 3)
+    k = at.k_proj(x).reshape(B, L, KV, -1).transpose(0, 2, 1, 3)
+    v = at.v_proj(x).reshape(B, L, KV, -1).transpose(0, 2, 1, 3)
+    q = at.rope(q) * at.scale
+    k = at.rope(k)
+    hd = q.shape[-1]
+    # Grouped-query attention as one matmul per kv head: the rep query heads of
+    # a kv head are stacked along the rows. Causal: a block of queries only
+    # meets the keys up to its last position.
+    q = q.reshape(B, KV, rep, L, hd)
+    outs = []
+    for start in range(0, L, ATTN_BLOCK):
+        stop = min(L, start + ATTN_BLOCK)
+        qb = q[:, :, :, start:stop].reshape(B, KV, rep * (stop - start), hd)
+        kb, vb = k[:, :, :stop], v[:, :, :stop]
+        probs, sums = _exp_scores_np(qb @ kb.swapaxes(-1, -2), start, rep)
+        o = (probs @ vb) / sums
+        outs.append(o.reshape(B, KV, rep, stop - start, hd))
+    o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
+    o = o.reshape(B, H, L, hd).transpose(0, 2, 1, 3).reshape(B, L, -1)
+    return at.o_proj(o)
+
+
+def _mlp_cpu(mlp: nn.Module, x: mx.array) -> mx.array:
+    gate = mlp.gate_proj(x)
+    up = mlp.up_proj(x)
+    mx.eval(gate)
+    return mlp.down_proj(_swiglu_from_exp(gate, up, _exp_neg_np(gate)))
+
+
+def _hidden_cpu_fast(model: nn.Module, inputs: mx.array) -> mx.array:
+    inner = model.model
+    h = inner.embed_tokens(inputs)
+    for layer in inner.layers:
+        h = h + _attention_cpu(layer.self_attn, layer.input_layernorm(h))
+        h = h + _mlp_cpu(layer.mlp, layer.post_attention_layernorm(h))
+    return inner.norm(h)
+
+
+def hidden_states(model: nn.Module, inputs: mx.array, path: str) -> mx.array:
+    """Final-norm hidden states (B, L, D) of the body, by the `cpu-fast` or `body` path."""
+    if path == "cpu-fast":
+        return _hidden_cpu_fast(model, inputs)
+    return model.model(inputs)
+
+
+def available_paths(model: nn.Module) -> list[str]:
+    """Paths worth trying for this model and device, fastest first."""
+    paths = []
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    if (on_cpu and sys.platform.startswith("linux") and os.environ.get("TOSS_MLX_CPU_FAST", "1") != "0"
+            and llama_like(model) and head(model) is not None):
+        paths.append("cpu-fast")
+    if head(model) is not None and callable(getattr(model, "model", None)):
+        paths.append("body")
+    paths.append("full")
+    return paths
+
+
+def pick_path(model: nn.Module, tokens: np.ndarray) -> str:
+    """The fastest path whose logits match model(tokens) on this model (one short input)."""
+    x = mx.array(np.asarray(tokens[:32], np.int32)[None])
+    ref = model(x).astype(mx.float32)
+    tol = 1e-4 if ref.dtype == mx.float32 and _param_dtype(model) == mx.float32 else 3e-2
+    bound = tol * (1.0 + mx.abs(ref).max().item())
+    for path in available_paths(model):
+        if path == "full":
+            return path
+        logits = head(model)(hidden_states(model, x, path)).astype(mx.float32)
+        if logits.shape == ref.shape and mx.abs(logits - ref).max().item() <= bound:
+            return path
+    return "full"
+
+
+def _param_dtype(model: nn.Module) -> mx.Dtype:
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    w = getattr(emb, "weight", None)
+    return w.dtype if w is not None else mx.float32
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, HEAD_CHUNK_BYTES // (4 * max(1, vocab)))
+
+
+def _losses_from_logits_fn(logits_of, rows: int, targets: np.ndarray, vocab: int,
+                           use_numpy: bool) -> np.ndarray:
+    out = np.empty(rows, np.float32)
+    step = _chunk_rows(vocab)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        logits = logits_of(a, b).astype(mx.float32)
+        if use_numpy:
+            mx.eval(logits)
+            out[a:b] = _cross_entropy_np(logits, targets[a:b])
+        else:
+            t = mx.array(targets[a:b])
+            ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+            out[a:b] = np.asarray(ce)
+    return out
+
+
+def response_losses(model: nn.Module, inputs: np.ndarray, rows: np.ndarray, targets: np.ndarray,
+                    path: str) -> np.ndarray:
+    """Cross-entropy (float32, nats) of `targets` at flat positions `rows` of the batch.
+
+    inputs: int32 [B, L] right-padded token ids; rows: int64 [R] indexes into
+    the flattened [B * L] positions (row b * L + j predicts the token after
+    inputs[b, j]); targets: int32 [R] the token ids to score.
+    """
+    if len(rows) == 0:
+        return np.zeros(0, np.float32)
+    x = mx.array(inputs)
+    if path == "full":
+        return _losses_full(model, inputs, rows, targets)
+    h = hidden_states(model, x, path)
+    h = h.reshape(-1, h.shape[-1])[mx.array(rows)]
+    mx.eval(h)
+    proj = head(model)
+    vocab = proj(h[:1]).shape[-1]
+    return _losses_from_logits_fn(lambda a, b: proj(h[a:b]), len(rows), targets, vocab,
+                                  use_numpy=path == "cpu-fast")
+
+
+def _losses_full(model, inputs, rows, targets) -> np.ndarray:
+    B, L = inputs.shape
+    out = np.empty(len(rows), np.float32)
+    for b in range(B):
+        sel = np.nonzero((rows >= b * L) & (rows < (b + 1) * L))[0]
+        if len(sel) == 0:
+            continue
+        logits = model(mx.array(inputs[b:b + 1]))[0]
+        local = mx.array(rows[sel] - b * L)
+        out[sel] = _losses_from_logits_fn(lambda a, c, lg=logits, lc=local: lg[lc[a:c]], len(sel),
+                                          targets[sel], logits.shape[-1], use_numpy=False)
+    return out
