@@ -150,6 +150,26 @@ def test_without_writeable_views(base, adapters, data, reference, monkeypatch):
     np.testing.assert_allclose(scores.loss_safety, reference["safety"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_traditional": True},  # interleaved pairs: MLX's own RoPE, not the numpy tables
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    {"rope_scaling": {"type": "dynamic", "factor": 4.0}, "max_position_embeddings": 32},
+])
+def test_other_rope_variants(adapters, data, tmp_path, rope):
+    from tiny import build_model_folder
+
+    from toss_mlx.models.load import load_model
+
+    folder = build_model_folder(tmp_path / "model", seed=5, **rope)
+    model, _ = load_model(str(folder), quiet=True)
+    assert token_loss.pick_path(model, data.samples[2].tokens) == "cpu-fast"
+    scores = score_tokens(model, data, adapters["utility"], adapters["safety"],
+                          batch_tokens=300, path="cpu-fast")
+    np.testing.assert_allclose(scores.loss_utility, naive_losses(folder, adapters["utility"], data),
+                               atol=1e-5, rtol=0)
+
+
 def test_small_head_chunks(base, adapters, data, reference, monkeypatch):
     monkeypatch.setattr(token_loss, "HEAD_CHUNK_BYTES", 4 * 400 * 3)  # 3 rows per chunk
     scores = score_tokens(base[0], data, adapters["utility"], adapters["safety"], batch_tokens=200)
@@ -241,6 +261,9 @@ def test_plan_batches_respects_budget_and_covers_every_sample():
             assert b.length == lengths[b.samples].max()
             assert len(b.samples) == 1 or len(b.samples) * b.length <= budget
         assert plan_batches(lengths, budget)[-1].samples.tolist() == batches[-1].samples.tolist()
+        exact = plan_batches(lengths, budget, same_length=True)
+        assert sorted(np.concatenate([b.samples for b in exact])) == sorted(seen)
+        assert all(len(set(lengths[b.samples])) == 1 for b in exact)
     with pytest.raises(TossError):
         plan_batches(lengths, 0)
 

@@ -61,7 +61,7 @@ import numpy as np
 
 from .data import TokenizedData
 from .io import TossError, load_arrays, save_arrays, sha256_bytes, sha256_file
-from .token_loss import pick_path, response_losses
+from .token_loss import padding_changes_positions, pick_path, response_losses
 
 FORMAT_VERSION = "1"
 ARRAYS = {  # name -> dtype of the scores file
@@ -224,12 +224,13 @@ def input_lengths(flat: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
     return lengths
 
 
-def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[Batch]:
+def plan_batches(lengths: np.ndarray, batch_tokens: int, same_length: bool = False) -> list[Batch]:
     """Pack samples (longest first) into batches of at most `batch_tokens` padded tokens.
 
     Deterministic for given lengths and budget, so a resumed run plans the
     same batches. Samples with nothing to score (length 0) are left out; a
-    sample longer than the budget gets a batch of its own.
+    sample longer than the budget gets a batch of its own. `same_length`:
+    no padding at all, for models whose positions depend on the length.
     """
     if batch_tokens < 1:
         raise TossError(f"batch_tokens must be at least 1, got {batch_tokens}")
@@ -239,6 +240,8 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[Batch]:
     while k < len(order):
         longest = int(lengths[order[k]])
         size = max(1, min(len(order) - k, batch_tokens // longest))
+        if same_length:
+            size = max(1, int(np.sum(lengths[order[k:k + size]] == longest)))
         batches.append(Batch(len(batches), np.array(order[k:k + size], np.int64), longest))
         k += size
     return batches
@@ -425,7 +428,12 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
     lengths = input_lengths(flat, mask)
     hashes = adapter_sha256(utility), adapter_sha256(safety)
     key = run_key(data.fingerprint, model_name, *hashes, batch_tokens, len(lengths))
-    batches = plan_batches(lengths, batch_tokens)
+    full = np.where(lengths > 0, np.diff(flat["offsets"]), 0)
+    same_length = bool(lengths.any()) and padding_changes_positions(
+        model, int(lengths[lengths > 0].min()), int(full.max()))
+    if same_length:  # positions depend on the length: whole samples, never padded
+        lengths = full
+    batches = plan_batches(lengths, batch_tokens, same_length)
     mine = [b for b in batches if b.index % size == rank]
 
     store = ShardStore(Path(work_dir) if work_dir is not None else None, key, rank)

@@ -112,17 +112,28 @@ def _exp_scores_np(scores: mx.array, start: int, rep: int) -> tuple[mx.array, mx
     return (same if same is not None else mx.array(s)), mx.array(sums.reshape(*scores.shape[:-1], 1))
 
 
-def _exp_neg_np(x: mx.array) -> mx.array:
-    """exp(-x) by numpy (row-parallel)."""
-    src = np.asarray(x).reshape(-1, x.shape[-1])
-    out = np.empty(src.shape, np.float32)
+CHUNK_ROWS = 32  # rows per step of the elementwise numpy work: the temporaries stay in cache
+
+
+def _swiglu_np(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up = gate * up / (1 + exp(-gate)), by numpy in gate's own buffer."""
+    mx.eval(gate, up)
+    g, same = _own_buffer(gate)
+    g2 = g.reshape(-1, g.shape[-1])
+    u2 = np.asarray(up).reshape(g2.shape)
 
     def work(a, b):
-        np.negative(src[a:b], out=out[a:b])
-        np.exp(out[a:b], out=out[a:b])
+        for c in range(a, b, CHUNK_ROWS):
+            d = min(b, c + CHUNK_ROWS)
+            x = g2[c:d]
+            t = np.negative(x)
+            np.exp(t, out=t)
+            t += 1.0
+            x /= t
+            x *= u2[c:d]
 
-    _parallel_rows(work, src.shape[0], min_rows=64)
-    return mx.array(out.reshape(x.shape))
+    _parallel_rows(work, g2.shape[0], min_rows=64)
+    return same if same is not None else mx.array(g)
 
 
 def _cross_entropy_np(logits: mx.array, targets: np.ndarray) -> np.ndarray:
@@ -144,11 +155,6 @@ def _cross_entropy_np(logits: mx.array, targets: np.ndarray) -> np.ndarray:
 
     _parallel_rows(work, z.shape[0], min_rows=16)
     return out
-
-
-@mx.compile
-def _swiglu_from_exp(gate: mx.array, up: mx.array, exp_neg_gate: mx.array) -> mx.array:
-    return gate * up / (1.0 + exp_neg_gate)
 
 
 # ---------------------------------------------------------------- the model's parts
@@ -196,11 +202,9 @@ def _attention_cpu(at: nn.Module, x: mx.array) -> mx.array:
     B, L, _ = x.shape
     H, KV = at.n_heads, at.n_kv_heads
     rep = H // KV
-    q = at.q_proj(x).reshape(B, L, H, -1).transpose(0, 2, 1, 3)
-    k = at.k_proj(x).reshape(B, L, KV, -1).transpose(0, 2, 1, 3)
+    q = at.rope(at.q_proj(x).reshape(B, L, H, -1).transpose(0, 2, 1, 3)) * at.scale
+    k = at.rope(at.k_proj(x).reshape(B, L, KV, -1).transpose(0, 2, 1, 3))
     v = at.v_proj(x).reshape(B, L, KV, -1).transpose(0, 2, 1, 3)
-    q = at.rope(q) * at.scale
-    k = at.rope(k)
     hd = q.shape[-1]
     # Grouped-query attention as one matmul per kv head: the rep query heads of
     # a kv head are stacked along the rows. Causal: a block of queries only
@@ -220,10 +224,7 @@ def _attention_cpu(at: nn.Module, x: mx.array) -> mx.array:
 
 
 def _mlp_cpu(mlp: nn.Module, x: mx.array) -> mx.array:
-    gate = mlp.gate_proj(x)
-    up = mlp.up_proj(x)
-    mx.eval(gate)
-    return mlp.down_proj(_swiglu_from_exp(gate, up, _exp_neg_np(gate)))
+    return mlp.down_proj(_swiglu_np(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
 def _hidden_cpu_fast(model: nn.Module, inputs: mx.array) -> mx.array:
@@ -240,6 +241,24 @@ def hidden_states(model: nn.Module, inputs: mx.array, path: str) -> mx.array:
     if path == "cpu-fast":
         return _hidden_cpu_fast(model, inputs)
     return model.model(inputs)
+
+
+def padding_changes_positions(model: nn.Module, short: int, long: int) -> bool:
+    """True if the position encoding of a prefix depends on the whole length (dynamic NTK RoPE).
+
+    Padding a sample to a batch's length must not change what the model
+    computes for it; with such encodings only samples of equal length share
+    a batch.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    rope = getattr(getattr(layers[0], "self_attn", None), "rope", None) if layers else None
+    if rope is None or short >= long:
+        return False
+    args = getattr(model, "args", None)
+    hd = getattr(rope, "dims", None) or getattr(args, "head_dim", None) or (
+        args.hidden_size // args.num_attention_heads)
+    probe = mx.random.normal((1, 1, long, hd), key=mx.random.key(0))
+    return not mx.allclose(rope(probe)[:, :, :short], rope(probe[:, :, :short]), atol=1e-6).item()
 
 
 def available_paths(model: nn.Module) -> list[str]:
