@@ -415,3 +415,23 @@ def test_cli_score_and_bad_adapter(tiny_model_dir, adapters, data_file, tmp_path
     assert result.exit_code == 2
     assert "not an adapter folder" in result.output
     assert not (tmp_path / "t.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_real_model_matches_naive(smollm2_dir, data_file, tmp_path):
+    """SmolLM2-135M (30 layers, GQA, 49k vocabulary): the CPU path equals full logits."""
+    from toss_mlx.models.load import load_model
+
+    model, tokenizer = load_model(str(smollm2_dir), quiet=True)
+    data = tokenize_dataset(data_file, tokenizer, max_seq_len=96)
+    utility = make_adapter(smollm2_dir, tmp_path / "u", seed=1, amplitude=0.05)
+    safety = make_adapter(smollm2_dir, tmp_path / "h", seed=2, amplitude=0.05)
+    assert token_loss.pick_path(model, data.samples[0].tokens) == "cpu-fast"
+    scores = score_tokens(model, data, utility, safety, batch_tokens=256)
+    want_u = naive_losses(smollm2_dir, utility, data)
+    want_h = naive_losses(smollm2_dir, safety, data)
+    # 30 float32 layers in another order of operations: 2.6e-5 here.
+    np.testing.assert_allclose(scores.loss_utility, want_u, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores.loss_safety, want_h, atol=1e-4, rtol=0)
+    mask = scores.response_mask == 1
+    assert np.abs(scores.score[mask]).mean() > 0.01
