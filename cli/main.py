@@ -7,6 +7,7 @@ from . import (
     eval_report,  # noqa: F401
     export,  # noqa: F401
     model,  # noqa: F401
+    pipeline,  # noqa: F401
     score,  # noqa: F401
     train,  # noqa: F401
 )
