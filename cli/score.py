@@ -7,7 +7,7 @@ import typer
 from .common import app, friendly
 
 
-@app.command("score")
+@app.command("score", rich_help_panel="Step by step")
 @friendly
 def score(
     model: str = typer.Option(..., "--model", "-m", help="Base model: registry name "
@@ -51,7 +51,7 @@ def score(
         typer.echo(f"{out}: {summary(result)}")
 
 
-@app.command("select")
+@app.command("select", rich_help_panel="Step by step")
 @friendly
 def select(
     scores: str = typer.Option(..., "--scores", help="scores.safetensors from `toss-mlx score`."),
@@ -76,7 +76,8 @@ def select(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary (for scripts)."),
 ) -> None:
     """Choose the response tokens that leave the loss; they stay in the input as context."""
-    from toss_mlx.select import format_summary, load_tokenizer, select_file
+    from toss_mlx.models.load import load_tokenizer
+    from toss_mlx.select import format_summary, select_file
 
     tokenizer = None
     if model is not None:

@@ -40,7 +40,8 @@ def make_run(folder: Path, tokenizer, model_dir: Path, n: int = 30, seed: int = 
     score = np.where(resp, loss_u - loss_h, 0).astype(np.float32)
     save_arrays(folder / "scores.safetensors",
                 dict(flat, loss_utility=loss_u, loss_safety=loss_h, score=score),
-                dict(tok.fingerprint, model=str(model_dir), format_version=1))
+                dict(tok.fingerprint, model=str(model_dir), format_version=1,
+                     utility_adapter_sha256="u" * 64, safety_adapter_sha256="h" * 64))
     k = int(RATIO * resp.sum())
     order = np.argsort(-np.where(resp, score, -np.inf), kind="stable")
     keep = resp.copy()

@@ -189,7 +189,7 @@ def test_token_losses_sum_to_the_models_masked_loss(base, adapters, data):
     import mlx.nn as nn
 
     from toss_mlx.models.load import apply_adapter
-    from toss_mlx.score import strip_adapters
+    from toss_mlx.models.lora import strip_adapters
 
     model = base[0]
     scores = score_tokens(model, data, adapters["utility"], adapters["safety"], batch_tokens=120)

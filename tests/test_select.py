@@ -306,7 +306,7 @@ def test_scores_without_scored_tokens(tmp_path):
 
 def test_scores_of_other_data_or_tokenizer_are_refused(tmp_path, tokenizer, tiny_model_dir):
     from toss_mlx.data import tokenize_dataset
-    from toss_mlx.select import load_tokenizer
+    from toss_mlx.models.load import load_tokenizer
 
     data_file = tmp_path / "d.jsonl"
     data_file.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": "yes " * (i + 1)})

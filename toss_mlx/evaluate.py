@@ -65,6 +65,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .data import encode as encode_text
 from .data import read_rows, render
 from .io import TossError, read_json, sha256_bytes, sha256_file, write_json
+from .models.lora import strip_adapters
 from .refusal import REFUSAL_PHRASES, START_WINDOW, degeneracy, final_answer, match_refusal
 
 FORMAT_VERSION = 1
@@ -230,21 +231,6 @@ def answer_ids(messages: list[dict[str, str]], answer: str, tokenizer, template:
 # ---------------------------------------------------------------- 2. adapters
 
 
-def _strip_adapters(model: nn.Module) -> None:
-    """Replace every LoRA / DoRA layer by the base layer it wraps."""
-    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
-    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
-
-    base = []
-    for name, module in model.named_modules():
-        if isinstance(module, (LoRALinear, DoRALinear, LoRASwitchLinear)):
-            base.append((name, module.linear))
-        elif isinstance(module, (LoRAEmbedding, DoRAEmbedding)):
-            base.append((name, module.embedding))
-    if base:
-        model.update_modules(tree_unflatten(base))
-
-
 def _check_adapter_complete(model: nn.Module, folder: Path) -> None:
     """Every adapter parameter the config creates must come from the file (else it is silently random)."""
     config = read_json(folder / "adapter_config.json")
@@ -274,7 +260,7 @@ def adapter_applied(model: nn.Module, folder: str | None) -> Iterator[nn.Module]
         _check_adapter_complete(model, Path(folder))
         yield model
     finally:
-        _strip_adapters(model)
+        strip_adapters(model)
         model.update(tree_unflatten(original))  # also undoes "full" fine-tune weights
         model.eval()
 

@@ -53,11 +53,11 @@ from .charts import bars_svg, histogram_svg, scatter_svg
 from .data import check_fingerprint, read_rows
 from .evaluate import METRIC_LABELS, format_metric
 from .io import TossError, load_arrays, read_json, sha256_file, write_text
+from .score import ARRAYS as SCORE_ARRAYS
+from .score import FINGERPRINT_KEYS
+from .score import load_scores as read_scores
 
-SCORE_ARRAYS = ("offsets", "row_index", "token_ids", "response_mask", "loss_utility",
-                "loss_safety", "score")
 MASK_ARRAYS = ("offsets", "row_index", "keep")
-FINGERPRINT_KEYS = ("dataset_sha256", "tokenizer_sha256", "template", "max_seq_len")
 TAG_KEYS = ("source", "label", "category", "origin")
 POSITION_BUCKETS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 10), (11, 20), (21, 50),
                     (51, 100), (101, 200), (201, None))
@@ -137,10 +137,9 @@ def _check_layout(path: Path, arrays: dict[str, np.ndarray], names: tuple[str, .
 
 
 def load_scores(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    path = Path(path)
-    arrays, meta = load_arrays(path, "scores file")
-    _check_layout(path, arrays, SCORE_ARRAYS, "scores file")
-    return arrays, _meta(meta)
+    """A scores file (checked by `score.load_scores`) as arrays plus decoded metadata."""
+    scores = read_scores(path)
+    return {k: getattr(scores, k) for k in SCORE_ARRAYS}, _meta(scores.meta)
 
 
 def load_mask(path: str | os.PathLike, scores: dict[str, np.ndarray], scores_meta: dict[str, Any]
@@ -160,16 +159,10 @@ def load_mask(path: str | os.PathLike, scores: dict[str, np.ndarray], scores_met
 
 def load_report_tokenizer(spec: str, scores_meta: dict[str, Any]):
     """The tokenizer of `spec` (registry name, folder or hub id), checked against the scores."""
-    from mlx_lm.utils import load_tokenizer
-
     from .data import tokenizer_sha256
-    from .models.load import resolve_model_path
+    from .models.load import load_tokenizer
 
-    path = resolve_model_path(spec)
-    try:
-        tokenizer = load_tokenizer(Path(path))
-    except (OSError, ValueError) as e:
-        raise TossError(f"{spec}: could not load its tokenizer ({e})") from None
+    tokenizer = load_tokenizer(spec)
     want = scores_meta.get("tokenizer_sha256")
     if want and tokenizer_sha256(tokenizer) != want:
         raise TossError(f"{spec}: its tokenizer is not the one the scores were made with "

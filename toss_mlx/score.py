@@ -61,6 +61,7 @@ import numpy as np
 
 from .data import TokenizedData
 from .io import TossError, load_arrays, save_arrays, sha256_bytes, sha256_file
+from .models.lora import strip_adapters
 from .token_loss import padding_changes_positions, pick_path, response_losses
 
 FORMAT_VERSION = "1"
@@ -116,22 +117,6 @@ def adapter_sha256(folder: str | os.PathLike) -> str:
 def _check_adapter_folder(p: Path) -> None:
     if not (p / "adapter_config.json").is_file() or not (p / "adapters.safetensors").is_file():
         raise TossError(f"{p}: not an adapter folder (needs adapter_config.json and adapters.safetensors)")
-
-
-def strip_adapters(model: nn.Module) -> None:
-    """Replace every LoRA/DoRA layer by the base layer it wraps (the base weights are untouched)."""
-    from mlx.utils import tree_unflatten
-
-    base = []
-    for name, module in model.named_modules():
-        if "lora_a" in module:
-            inner = getattr(module, "linear", None)
-            if inner is None:
-                inner = getattr(module, "embedding", None)
-            if inner is not None:
-                base.append((name, inner))
-    if base:
-        model.update_modules(tree_unflatten(base))
 
 
 class AdapterSwitch:

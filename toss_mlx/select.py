@@ -235,24 +235,6 @@ def check_scores_match(scores: Scores, data: str | os.PathLike, tokenizer=None,
         raise TossError(f"{what} do not hold the tokens of {p} (same file hashes, other tokens)")
 
 
-def load_tokenizer(spec: str):
-    """The tokenizer of a model spec (registry name, folder, hub id), without loading weights."""
-    import json as _json
-
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
-    from .models.load import resolve_model_path
-
-    path = Path(resolve_model_path(spec))
-    eos = None
-    if (path / "config.json").exists():
-        eos = _json.loads((path / "config.json").read_text()).get("eos_token_id")
-    try:
-        return mlx_load_tokenizer(path, eos_token_ids=eos)
-    except (OSError, ValueError) as e:
-        raise TossError(f"{spec}: could not load the tokenizer ({e})") from None
-
-
 def write_mask(path: str | os.PathLike, scores: Scores, sel: Selection) -> None:
     save_arrays(path, {"offsets": scores.offsets, "row_index": scores.row_index, "keep": sel.keep},
                 sel.metadata(scores))

@@ -53,6 +53,22 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer of a model spec (registry name, folder, hub id), without loading weights."""
+    import json
+
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    path = Path(resolve_model_path(spec))
+    eos = None
+    if (path / "config.json").exists():
+        eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
+    try:
+        return mlx_load_tokenizer(path, eos_token_ids=eos)
+    except (OSError, ValueError) as e:
+        raise TossError(f"{spec}: could not load the tokenizer ({e})") from None
+
+
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                for _, m in model.named_modules())

@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..io import TossError, atomic_path, write_json
 
@@ -97,3 +97,17 @@ def save_mx_arrays(path: str | os.PathLike, arrays: dict[str, mx.array],
         target = tmp.with_name(tmp.name + ".safetensors")
         mx.save_safetensors(str(target), arrays, metadata=metadata or {})
         os.replace(target, tmp)
+
+
+def strip_adapters(model: nn.Module) -> None:
+    """Replace every LoRA/DoRA layer by the base layer it wraps (the base weights are untouched)."""
+    base = []
+    for name, module in model.named_modules():
+        if "lora_a" in module:
+            inner = getattr(module, "linear", None)
+            if inner is None:
+                inner = getattr(module, "embedding", None)
+            if inner is not None:
+                base.append((name, inner))
+    if base:
+        model.update_modules(tree_unflatten(base))
