@@ -9,7 +9,7 @@ import typer
 from .common import app, friendly
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel="Results")
 @friendly
 def eval_command(
     model: str = typer.Option(None, "--model", "-m",
@@ -38,8 +38,10 @@ def eval_command(
     out: Path = typer.Option(Path("eval.json"), "--out", "-o", help="Where to write eval.json."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
 ):
-    """Evaluate the base model and adapters side by side on the same prompts: safety
-    (refusal / attack success with Wilson 95% intervals, optional judge), over-refusal, utility."""
+    """Evaluate the base model and adapters side by side on the same prompts.
+
+    Safety (refusal and attack success rates with Wilson 95% intervals, optional judge),
+    over-refusal on benign-but-edgy prompts, and utility (NLL, exact match)."""
     from toss_mlx.config import build_config, read_yaml
     from toss_mlx.evaluate import EvalSettings, evaluate, metrics_table, parse_adapters
 
@@ -60,7 +62,7 @@ def eval_command(
         typer.echo(f"wrote {out} ({len(result['models'])} models; every answer and verdict inside)")
 
 
-@app.command("report")
+@app.command("report", rich_help_panel="Results")
 @friendly
 def report_command(
     run_dir: Path = typer.Argument(None, help="A run directory (scores, mask and eval*.json inside)."),
@@ -77,8 +79,10 @@ def report_command(
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
 ):
-    """Write one self-contained HTML report: token heatmap, score histogram with the threshold,
-    removal by response position, and the safety-utility chart of the evaluations."""
+    """Write one self-contained HTML report of a run or of scores and a mask.
+
+    Token heatmap, score histogram with the threshold, removal by response position,
+    and the safety-utility chart of the evaluations."""
     from toss_mlx.io import TossError
     from toss_mlx.report import ReportInputs, build_report, find_run_inputs
 

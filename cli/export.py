@@ -9,7 +9,7 @@ import typer
 from .common import app, friendly
 
 
-@app.command("export")
+@app.command("export", rich_help_panel="Results")
 @friendly
 def export(
     adapter: Path = typer.Argument(..., help="mlx-lm adapter folder (adapter_config.json + "
@@ -35,7 +35,7 @@ def export(
                    f"as {fmt} to {out}")
 
 
-@app.command("fuse")
+@app.command("fuse", rich_help_panel="Results")
 @friendly
 def fuse(
     model: str = typer.Option(..., "--model", "-m", help="Base model: registry name, mlx-lm "

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-# Each cli/ module registers its commands on `app` when imported.
-from . import (
-    eval_report,  # noqa: F401
-    export,  # noqa: F401
-    model,  # noqa: F401
-    pipeline,  # noqa: F401
-    score,  # noqa: F401
-    train,  # noqa: F401
-)
+import importlib
+
 from .common import app
+
+# Each cli/ module registers its commands on `app` when imported; this order is the
+# order of `toss-mlx --help`: the steps, the whole method, results, setup.
+for _module in ("train", "score", "pipeline", "eval_report", "export", "model"):
+    importlib.import_module(f"{__package__}.{_module}")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from .common import app, friendly
 
 model_app = typer.Typer(help="Get models: pull the built-in ones, import llama GGUF files.",
                         no_args_is_help=True)
-app.add_typer(model_app, name="model")
+app.add_typer(model_app, name="model", rich_help_panel="Setup")
 
 
 class Dtype(str, Enum):  # the choices of toss_mlx.models.gguf.IMPORT_DTYPES, for --help
@@ -59,7 +59,7 @@ def import_(
     typer.echo(str(folder))
 
 
-@app.command("doctor")
+@app.command("doctor", rich_help_panel="Setup")
 @friendly
 def doctor() -> None:
     """Check this machine: platform, MLX and device, BLAS and matmul speed, memory, model cache."""

@@ -9,7 +9,7 @@ import typer
 from .common import app, friendly
 
 
-@app.command("run")
+@app.command("run", rich_help_panel="The whole method")
 @friendly
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see `toss-mlx init`, recipes/)."),
@@ -29,7 +29,7 @@ def run(
     typer.echo(summary_text(result))
 
 
-@app.command("init")
+@app.command("init", rich_help_panel="The whole method")
 @friendly
 def init(
     path: Path = typer.Argument(Path("recipe.yaml"), help="Where to write the starter recipe."),
@@ -42,7 +42,7 @@ def init(
     typer.echo(f"wrote {path}; edit it, then: toss-mlx run {path}")
 
 
-@app.command("refine")
+@app.command("refine", rich_help_panel="Step by step")
 @friendly
 def refine(
     model: str = typer.Option(..., "--model", "-m", help="Base model (registry name, folder or hub id)."),

@@ -9,7 +9,7 @@ import typer
 from .common import app, friendly
 
 
-@app.command("train")
+@app.command("train", rich_help_panel="Step by step")
 @friendly
 def train(
     model: str = typer.Option(None, "--model", "-m", help="Base model: registry name "
