@@ -44,3 +44,31 @@ def test_quickstart_splits_are_disjoint_and_readable(tmp_path, tokenizer):
     assert all(r["completion"].rstrip().split("####")[-1].strip() == r["answer"] for r in rows["eval_task"])
     data = tokenize_dataset(tmp_path / "custom.jsonl", tokenizer)
     assert len(data.samples) == 25
+
+
+@needs
+def test_reproduce_splits_are_disjoint(tmp_path):
+    summary = prepare.build_reproduce(tmp_path, n_task_custom=16, n_harmful_custom=4, n_harmful_ref=6,
+                                      n_utility_ref=5, n_align_task=5, n_align_edgy=10, n_safe_demos=3,
+                                      n_eval_harmful=50, n_eval_edgy=10, n_eval_task=5)
+    names = ("align_refusals", "align_benign", "align_edgy", "custom", "harmful_ref", "utility_ref",
+             "safe_demos", "eval_harmful", "eval_edgy", "eval_task")
+    rows = {n: [json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+            for n in names}
+    assert {n: len(rows[n]) for n in names} == {n: summary[n] for n in names}
+    assert summary["custom"] == 20 and sum(r["source"] == "harmful" for r in rows["custom"]) == 4
+    key = prepare.normalize_prompt
+    prompts = {n: {key(r["prompt"]) for r in rs} for n, rs in rows.items()}
+    trained = [n for n in names if not n.startswith("eval")]
+    pairs = [(a, b) for a in trained for b in names if b.startswith("eval")]
+    pairs += [("align_refusals", "custom"), ("align_benign", "custom"), ("align_edgy", "custom"),
+              ("harmful_ref", "custom"), ("utility_ref", "custom"), ("safe_demos", "custom"),
+              ("safe_demos", "align_refusals")]
+    for a, b in pairs:
+        assert not prompts[a] & prompts[b], (a, b)
+    assert all(r["completion"] in prepare.REFUSALS for r in rows["align_refusals"] + rows["safe_demos"])
+    from toss_mlx.refusal import match_refusal
+
+    assert all(match_refusal(text).start for text in prepare.REFUSALS)
+    harmbench = {key(p) for p in prepare.harmbench_prompts()}
+    assert prompts["align_refusals"] == harmbench and prompts["harmful_ref"] <= harmbench

