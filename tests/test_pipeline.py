@@ -75,6 +75,9 @@ def test_detector_quality_against_a_hand_count(tmp_path):
     assert det["precision"] == 2 / 3  # tokens 5 and 6 lie in row 1
     assert det["harmful_share_of_response_tokens"] == 3 / 8
     assert det["recall"] == 2 / 3
+    # openings (first response token): row 0 token 1 (removed), row 1 token 5 (removed), row 2 token 9
+    assert det["first_token_removed_harmful"] == 1.0
+    assert det["first_token_removed_other"] == 1 / 2
 
 
 def test_starter_recipe_is_a_valid_recipe(tmp_path):

@@ -281,6 +281,13 @@ def test_report_html(run, tmp_path, tokenizer):
     # the charts and the tables
     assert html.count("<svg") == 3  # histogram, positions, safety-utility
     assert "threshold" in html and "removal rate (recall)" in html and "source: harmful" in html
+    # first answer token removed, counted by hand per tag (every sample here has one turn)
+    tags = {i: ("harmful" if i % 4 == 0 else "benign") for i in range(30)}
+    for tag in ("harmful", "benign"):
+        firsts = [next(j for j in range(scores["offsets"][i], scores["offsets"][i + 1]) if resp[j])
+                  for i in range(len(scores["row_index"])) if tags[int(scores["row_index"][i])] == tag]
+        gone = sum(1 for j in firsts if not keep[j])
+        assert f"<td>{gone} of {len(firsts)} ({100 * gone / len(firsts):.0f}%)</td>" in html
     assert "exact match (higher is better)" in html
     for name in ("base", "sft", "toss"):
         assert f"<th>{name}</th>" in html

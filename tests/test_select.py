@@ -159,7 +159,7 @@ def test_first_k_is_the_first_k_tokens_of_every_turn(k):
 
 def test_answer_positions_restart_in_every_turn_and_sample():
     s = make_scores()
-    pos = answer_positions(s)
+    pos = answer_positions(s.offsets, s.response_mask)
     for i in range(s.samples):
         run = -1
         for p in range(s.offsets[i], s.offsets[i + 1]):

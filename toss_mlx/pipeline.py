@@ -373,10 +373,14 @@ def detector_quality(scores_path: Path, mask_path: Path, data: Path) -> dict[str
 
     precision: share of removed tokens that lie in harmful samples; their share of all
     response tokens is what a random choice would get. recall: share of the harmful
-    samples' response tokens that were removed.
+    samples' response tokens that were removed. first_token_removed_harmful / _other:
+    share of answer openings (the first response token of each turn) removed, in harmful
+    and in other samples; an aligned model's refusal is decided there, so this says
+    how much of the detector's effect on safety lies in the first token.
     """
     from .data import read_rows
     from .io import load_arrays
+    from .select import answer_positions
 
     harmful_rows = {r.index for r in read_rows(data) if r.data.get("source") == "harmful"}
     if not harmful_rows:
@@ -387,13 +391,20 @@ def detector_quality(scores_path: Path, mask_path: Path, data: Path) -> dict[str
     removed = response & ~mask["keep"].astype(bool)
     lengths = np.diff(scores["offsets"])
     in_harmful = np.repeat(np.isin(scores["row_index"], list(harmful_rows)), lengths)
+    opening = answer_positions(scores["offsets"], response) == 0
     n_removed = int(removed.sum())
+
+    def share(part: np.ndarray, of: np.ndarray) -> float:
+        return float(part.sum() / max(1, of.sum()))
+
     return {
         "removed_tokens": n_removed,
-        "precision": float((removed & in_harmful).sum() / max(1, n_removed)),
-        "harmful_share_of_response_tokens": float((response & in_harmful).sum() / max(1, response.sum())),
-        "recall": float((removed & in_harmful).sum() / max(1, (response & in_harmful).sum())),
+        "precision": share(removed & in_harmful, removed),
+        "harmful_share_of_response_tokens": share(response & in_harmful, response),
+        "recall": share(removed & in_harmful, response & in_harmful),
         "harmful_samples": len(harmful_rows),
+        "first_token_removed_harmful": share(removed & opening & in_harmful, opening & in_harmful),
+        "first_token_removed_other": share(removed & opening & ~in_harmful, opening & ~in_harmful),
     }
 
 
@@ -407,7 +418,9 @@ def summary_text(result: dict[str, Any]) -> str:
         lines.append(
             f"removed tokens in harmful samples: {det['precision']:.1%} of {det['removed_tokens']} "
             f"removed (harmful samples hold {det['harmful_share_of_response_tokens']:.1%} of response "
-            f"tokens; random removal would match that); recall {det['recall']:.1%} of their tokens")
+            f"tokens; random removal would match that); recall {det['recall']:.1%} of their tokens; "
+            f"first answer token removed in {det['first_token_removed_harmful']:.0%} of harmful samples, "
+            f"{det['first_token_removed_other']:.0%} of others")
     for entry in result.get("eval") or []:
         metrics = entry.get("metrics", {})
         parts = [f"{key} {metrics[key]['value']:.3f} (n={metrics[key]['n']})"

@@ -56,6 +56,7 @@ from .io import TossError, load_arrays, read_json, sha256_file, write_text
 from .score import ARRAYS as SCORE_ARRAYS
 from .score import FINGERPRINT_KEYS
 from .score import load_scores as read_scores
+from .select import answer_positions
 
 MASK_ARRAYS = ("offsets", "row_index", "keep")
 TAG_KEYS = ("source", "label", "category", "origin")
@@ -364,22 +365,26 @@ def _cards(items: list[tuple[str, str]]) -> str:
 
 def _tag_table(tags: dict[int, str], scores: dict[str, np.ndarray], removed: np.ndarray) -> str:
     offsets, resp = scores["offsets"], scores["response_mask"].astype(bool)
+    opening = answer_positions(offsets, resp) == 0
     per: dict[str, list[int]] = {}
     for i, row in enumerate(scores["row_index"]):
         a, b = offsets[i], offsets[i + 1]
-        entry = per.setdefault(tags.get(int(row), "(no tag)"), [0, 0, 0])
+        entry = per.setdefault(tags.get(int(row), "(no tag)"), [0, 0, 0, 0, 0])
         entry[0] += 1
         entry[1] += int(resp[a:b].sum())
         entry[2] += int(removed[a:b].sum())
+        entry[3] += int(opening[a:b].sum())
+        entry[4] += int((opening & removed)[a:b].sum())
     total_removed = max(int(removed.sum()), 1)
     total_tokens = max(int(resp.sum()), 1)
     rows = "".join(
         f"<tr><td>{escape(tag)}</td><td>{n}</td><td>{t}</td><td>{100 * t / total_tokens:.1f}%</td>"
-        f"<td>{r}</td><td>{100 * r / max(t, 1):.1f}%</td><td>{100 * r / total_removed:.1f}%</td></tr>"
-        for tag, (n, t, r) in sorted(per.items()))
+        f"<td>{r}</td><td>{100 * r / max(t, 1):.1f}%</td><td>{100 * r / total_removed:.1f}%</td>"
+        f"<td>{o_r} of {o} ({100 * o_r / max(o, 1):.0f}%)</td></tr>"
+        for tag, (n, t, r, o, o_r) in sorted(per.items()))
     return ("<table><tr><th>tag</th><th>samples</th><th>response tokens</th><th>share of tokens</th>"
-            "<th>removed</th><th>removal rate (recall)</th><th>share of removed (precision)</th></tr>"
-            + rows + "</table>")
+            "<th>removed</th><th>removal rate (recall)</th><th>share of removed (precision)</th>"
+            "<th>first answer token removed</th></tr>" + rows + "</table>")
 
 
 def _label_models(evals: list[tuple[Path, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:

@@ -71,16 +71,16 @@ class Selection:
 # ---------------------------------------------------------------- positions
 
 
-def answer_positions(scores: Scores) -> np.ndarray:
+def answer_positions(offsets: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
     """int64 [T]: each response token's 0-based position in its assistant turn (-1 elsewhere).
 
     A turn is a run of consecutive response tokens within one sample.
     """
-    scored = scores.response_mask.astype(bool)
+    scored = response_mask.astype(bool)
     T = len(scored)
     idx = np.arange(T)
     sample_start = np.zeros(T, bool)
-    sample_start[scores.offsets[:-1][scores.offsets[:-1] < T]] = True
+    sample_start[offsets[:-1][offsets[:-1] < T]] = True
     prev = np.concatenate([[False], scored[:-1]])
     starts = scored & (~prev | sample_start)
     run_start = np.maximum.accumulate(np.where(starts, idx, 0))
@@ -147,7 +147,7 @@ def select_tokens(scores: Scores, ratio: float = 0.1, strategy: str = "toss", le
         else:
             removed[_top_by_key(key, candidates, quota, sample[candidates])] = True
     elif strategy == "first-k":
-        pos = answer_positions(scores)
+        pos = answer_positions(scores.offsets, scores.response_mask)
         removed = scored & (pos >= 0) & (pos < k)
     else:  # sample-filter
         counts = per_sample.astype(np.int64)
@@ -174,7 +174,7 @@ def selection_stats(scores: Scores, removed: np.ndarray) -> dict[str, Any]:
     per_sample = np.bincount(sample[scored], minlength=scores.samples)
     removed_per_sample = np.bincount(sample[removed], minlength=scores.samples)
     n_removed = int(removed.sum())
-    pos = answer_positions(scores)
+    pos = answer_positions(scores.offsets, scores.response_mask)
     buckets = {}
     for name, lo, hi in BUCKETS:
         inside = scored & (pos >= lo) & ((pos < hi) if hi is not None else True)
