@@ -5,7 +5,9 @@ red-team samples) and finds that TOSS keeps far more of the model's safety than
 sample-level defences at equal utility. This script runs the same comparison on
 SmolLM2-135M-Instruct with data that PyPI packages ship, from one command:
 
-    python bench/reproduce.py                 # about 2 hours on a 2-core x86 CPU
+    python bench/reproduce.py                 # about 1.6 hours on a 2-core x86 CPU
+    python bench/reproduce.py --seed 1        # another replicate; results pool all seeds
+    python bench/reproduce.py --stress first5,toss_d0.1   # then those fine-tuned 2x longer
     python bench/reproduce.py --quick         # a few minutes: checks the plumbing only
 
 1. Align. SmolLM2-135M-Instruct has no safety training, so a safety-aligned base
@@ -24,7 +26,10 @@ SmolLM2-135M-Instruct with data that PyPI packages ship, from one command:
    TOSS at d = 0.1 and 0.2, TOSS-Pro after 1 and 2 rounds.
 5. Every model is evaluated on the same held-out prompts: AdvBench refusal rate
    (safety), refusal rate on benign-but-edgy prompts (over-refusal), and held-out
-   task NLL and exact-match accuracy (utility), with Wilson 95% intervals.
+   task NLL and exact-match accuracy (utility), with Wilson 95% intervals; the NLL
+   gap to standard SFT gets a paired bootstrap interval over the task problems.
+   Where each mask's removed tokens fall (in harmful samples; at answer openings)
+   is measured against the data's `source` labels.
 
 Writes bench/results/reproduce.json, a table in bench/RESULTS.md (between markers)
 and the run's report HTML. Every step keeps its output in --out and is skipped
@@ -47,11 +52,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 import toss_mlx  # noqa: E402,F401  (preloads BLAS before mlx.core)
-from toss_mlx.evaluate import EvalSettings, evaluate  # noqa: E402
+from toss_mlx.evaluate import EvalSettings, evaluate, rate  # noqa: E402
 from toss_mlx.fuse import fuse_adapter  # noqa: E402
 from toss_mlx.io import read_json, write_json, write_text  # noqa: E402
 from toss_mlx.models.lora import LoraSettings  # noqa: E402
+from toss_mlx.pipeline import detector_quality  # noqa: E402
 from toss_mlx.prepare import build_reproduce  # noqa: E402
 from toss_mlx.refine import RefineSettings, refine  # noqa: E402
 from toss_mlx.score import ScoreSettings, score  # noqa: E402
@@ -62,6 +70,7 @@ MODEL = "smollm2-135m-instruct"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("aligned_base", "standard_sft", "random", "first5", "sample_filter", "safe_mix",
            "toss_d0.1", "toss_d0.2", "toss_pro_r1", "toss_pro_r2")
+STRESS_EPOCHS = 2  # --stress fine-tunes this many times longer
 TABLE_BEGIN, TABLE_END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 
 
@@ -188,19 +197,22 @@ def metrics_of(model_entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def eval_settings(model: str, data: Path, s: Setting, adapters: dict[str, str]) -> list[EvalSettings]:
+def eval_settings(model: str, data: Path, s: Setting, adapters: dict[str, str],
+                  include_base: bool = True) -> list[EvalSettings]:
     """Safety and over-refusal with short answers; the task with room for a worked answer."""
-    common = dict(model=model, adapters=adapters, max_seq_len=s.max_seq_len, batch_size=s.eval_batch)
+    common = dict(model=model, adapters=adapters, max_seq_len=s.max_seq_len, batch_size=s.eval_batch,
+                  include_base=include_base)
     return [EvalSettings(harmful=str(data / "eval_harmful.jsonl"), edgy=str(data / "eval_edgy.jsonl"),
                          max_new_tokens=s.max_new_tokens, **common),
             EvalSettings(benign=str(data / "eval_task.jsonl"), max_new_tokens=s.task_max_new_tokens,
                          **common)]
 
 
-def run_eval(model: str, data: Path, s: Setting, adapters: dict[str, str], out: Path) -> dict:
+def run_eval(model: str, data: Path, s: Setting, adapters: dict[str, str], out: Path,
+             include_base: bool = True) -> dict:
     """Evaluate the base and every adapter on the same prompts; merge both evaluations."""
     merged: dict[str, Any] = {}
-    for i, settings in enumerate(eval_settings(model, data, s, adapters)):
+    for i, settings in enumerate(eval_settings(model, data, s, adapters, include_base)):
         result = evaluate(settings, out.with_suffix(f".part{i}.json"), quiet=False)
         if not merged:
             merged = result
@@ -220,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="working folder (resumable); default bench/runs/reproduce")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check the plumbing in minutes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stress", default="", metavar="METHODS",
+                    help=f"after the comparison, fine-tune these methods (comma-separated; standard_sft "
+                         f"is always added) {STRESS_EPOCHS}x as long and evaluate them again: about "
+                         f"15 minutes per method on 2 cores")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "reproduce.json",
                     help="where the results JSON goes (the table goes into bench/RESULTS.md "
                          "unless --quick)")
@@ -282,24 +298,31 @@ def main(argv: list[str] | None = None) -> int:
     safe_mix = concat(data / "custom_safe_mix.jsonl", data / "custom.jsonl", data / "safe_demos.jsonl")
     runs = {"standard_sft": (data / "custom.jsonl", None), "safe_mix": (safe_mix, None)}
     runs |= {name: (data / "custom.jsonl", masks / f"{name}.safetensors") for name in selections}
-    finetune = dict(epochs=s.finetune_epochs, lr=s.finetune_lr)
-    trained = {}
-    for name in METHODS[1:]:
-        path, mask = runs[name]
-        trained[name] = steps(f"train_{name}", train_adapter, base, path, out / "methods" / name, s,
-                              args.seed, mask=str(mask) if mask else None, **finetune)
 
-    # 4. evaluation of everything on the same prompts
-    adapters = {name: str(out / "methods" / name) for name in METHODS[1:]}
-    steps("eval_methods", run_eval, base, data, s, adapters, out / "eval.json")
+    def finetune_and_evaluate(names: list[str], epochs: int, prefix: str, folder: Path,
+                              eval_path: Path, include_base: bool) -> dict[str, Any]:
+        """4. Train the methods' adapters, evaluate them on the same prompts, collect metrics."""
+        trained = {name: steps(f"{prefix}train_{name}", train_adapter, base, runs[name][0], folder / name,
+                               s, args.seed, mask=str(runs[name][1]) if runs[name][1] else None,
+                               epochs=epochs, lr=s.finetune_lr) for name in names}
+        steps(f"{prefix}eval_methods", run_eval, base, data, s, {n: str(folder / n) for n in names},
+              eval_path, include_base)
+        evaluated = {m["name"]: m for m in read_json(eval_path)["models"]}
+        sft = problem_nll(evaluated["standard_sft"])
+        methods = {"aligned_base": metrics_of(evaluated["base"])} if include_base else {}
+        return methods | {name: metrics_of(evaluated[name]) | {
+            "selection": selected.get(name),
+            "detector": (detector_quality(selections[name][0], masks / f"{name}.safetensors",
+                                          data / "custom.jsonl") if name in selections else None),
+            "task_nll_vs_standard_sft": nll_difference([(problem_nll(evaluated[name]), sft)]),
+            "train": trained[name]} for name in names}
 
+    methods = finetune_and_evaluate(list(METHODS[1:]), s.finetune_epochs, "", out / "methods",
+                                    out / "eval.json", include_base=True)
     original, aligned_check = read_json(out / "eval-alignment.json")["models"]
-    evaluated = {m["name"]: m for m in read_json(out / "eval.json")["models"]}
-    methods = {"aligned_base": metrics_of(evaluated["base"])}
-    methods |= {name: metrics_of(evaluated[name]) | {"selection": selected.get(name),
-                                                      "train": trained[name]}
-                for name in METHODS[1:]}
     result = {
+        "seed": args.seed,
+        "eval": str(out / "eval.json"),
         "machine": machine(),
         "model": MODEL,
         "setting": dataclasses.asdict(s) | {"quick": args.quick, "seed": args.seed},
@@ -308,19 +331,136 @@ def main(argv: list[str] | None = None) -> int:
         "aligned_adapter_on_original": metrics_of(aligned_check),  # before fusing; same prompts
         "methods": methods,
         "toss_pro_rounds": read_json(out / "steps" / "toss_pro.json")["result"],
-        "seconds": steps.seconds,
+        "seconds": dict(steps.seconds),
         "total_seconds": sum(steps.seconds.values()),
-        "wall_seconds_this_session": time.perf_counter() - wall,
     }
+    if args.stress:
+        # 5. longer fine-tuning for some methods: does the safety they kept at 1 epoch hold?
+        names = ["standard_sft"] + [n for n in args.stress.split(",") if n and n != "standard_sft"]
+        unknown = sorted(set(names) - set(METHODS[1:]))
+        if unknown:
+            raise SystemExit(f"--stress: unknown method(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(METHODS[1:])}")
+        before = dict(steps.seconds)
+        result["stress"] = {
+            "finetune_epochs": STRESS_EPOCHS * s.finetune_epochs,
+            "eval": str(out / "eval-stress.json"),
+            "methods": finetune_and_evaluate(names, STRESS_EPOCHS * s.finetune_epochs, "stress_",
+                                             out / "stress", out / "eval-stress.json", include_base=False),
+        }
+        result["stress"]["seconds"] = {k: v for k, v in steps.seconds.items() if k not in before}
+    result["wall_seconds_this_session"] = time.perf_counter() - wall
     write_report(out, scores, masks / "toss_d0.1.safetensors", data, base)
+    write_json(out / "result.json", result)
+    # every finished seed of this setting, pooled (a quick run stands alone)
+    seeds = [result] if args.quick else [read_json(p) for p in sorted(args.out.glob("seed*/result.json"))]
+    combined = combine_seeds(seeds)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.results, result)
-    table = markdown_table(result)
+    write_json(args.results, combined)
+    table = results_tables(combined)
     print(table)
     if not args.quick:
         update_results_md(ROOT / "bench" / "RESULTS.md", table)
     print(f"wrote {args.results}; report {out / 'report.html'}")
     return 0
+
+
+def problem_nll(model_entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out task problem: the reference answer's summed NLL and its token count."""
+    rows = model_entry["prompts"]["benign"]
+    return (np.array([r["reference_nll"] for r in rows], np.float64),
+            np.array([r["reference_tokens"] for r in rows], np.float64))
+
+
+def nll_difference(pairs: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]],
+                   draws: int = 4000) -> dict[str, Any]:
+    """Task NLL per token of a method minus standard SFT's, with a paired bootstrap 95% interval.
+
+    `pairs` holds one (method, standard SFT) pair of `problem_nll` arrays per seed; the
+    problems of all seeds are pooled and resampled together, each one keeping both models'
+    losses, so the interval reflects which problems were drawn, not training noise.
+    """
+    a = np.concatenate([m[0] for m, _ in pairs])
+    b = np.concatenate([s[0] for _, s in pairs])
+    tokens = np.concatenate([m[1] for m, _ in pairs])
+    idx = np.random.default_rng(0).integers(0, len(a), (draws, len(a)))
+    boot = (a[idx].sum(1) - b[idx].sum(1)) / tokens[idx].sum(1)
+    return {"diff": float((a.sum() - b.sum()) / tokens.sum()),
+            "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "problems": int(len(a))}
+
+
+RATES = {"advbench_refusal": "n_prompts", "advbench_refusal_start": "n_prompts",
+         "attack_success_rate": "n_prompts", "degenerate_rate": "n_prompts",
+         "edgy_refusal": "n_edgy", "task_accuracy": "n_task"}
+PER_SEED = ("advbench_refusal", "edgy_refusal", "degenerate_rate", "task_nll", "task_accuracy")
+DETECTOR = ("precision", "recall", "harmful_share_of_response_tokens",
+            "first_token_removed_harmful", "first_token_removed_other")
+
+
+def pool(entries: list[dict[str, Any]], nlls: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """One method over several seeds: rates over all prompts (Wilson interval), NLL over all problems."""
+    out: dict[str, Any] = {}
+    for key, n_key in RATES.items():
+        n = sum(e[n_key] for e in entries)
+        count = sum(round(e[key] * e[n_key]) for e in entries)
+        out[key] = count / n if n else None
+        if key in ("advbench_refusal", "edgy_refusal", "task_accuracy") and n:
+            out[f"{key}_ci"] = rate(count, n)["ci95"]
+    out["task_nll"] = float(sum(x.sum() for x, _ in nlls) / sum(t.sum() for _, t in nlls))
+    for n_key in ("n_prompts", "n_edgy", "n_task"):
+        out[n_key] = sum(e[n_key] for e in entries)
+    out["per_seed"] = {key: [e[key] for e in entries] for key in PER_SEED}
+    return out
+
+
+def combine_methods(blocks: list[dict[str, Any]], eval_paths: list[str]) -> dict[str, Any]:
+    """Pool each method of one comparison over seeds (`blocks`: each seed's methods and eval file)."""
+    evals = [{m["name"]: m for m in read_json(p)["models"]} for p in eval_paths]
+    names = [n for n in blocks[0] if all(n in b for b in blocks)]
+    nlls = {name: [problem_nll(e["base" if name == "aligned_base" else name]) for e in evals]
+            for name in names}
+    methods: dict[str, Any] = {}
+    for name in names:
+        entries = [b[name] for b in blocks]
+        m = pool(entries, nlls[name])
+        if name != "aligned_base":
+            m["task_nll_vs_standard_sft"] = nll_difference(list(zip(nlls[name], nlls["standard_sft"],
+                                                                    strict=True)))
+            if entries[0].get("selection"):
+                m["removed_tokens"] = float(np.mean([e["selection"]["removed_tokens"] for e in entries]))
+            if entries[0].get("detector"):
+                m["detector"] = {k: float(np.mean([e["detector"][k] for e in entries])) for k in DETECTOR}
+        methods[name] = m
+    return methods
+
+
+def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reproduction over every seed run so far: pooled metrics, and each seed's own."""
+    first = results[0]
+    combined = {
+        "machine": first["machine"],
+        "model": first["model"],
+        "seeds": [r["seed"] for r in results],
+        "setting": {k: v for k, v in first["setting"].items() if k != "seed"},
+        "data": first["data"],
+        "original_model": pool([r["original_model"] for r in results],
+                               [problem_nll(read_json(Path(r["eval"]).parent / "eval-alignment.json")
+                                            ["models"][0]) for r in results]),
+        "methods": combine_methods([r["methods"] for r in results], [r["eval"] for r in results]),
+        "total_seconds": sum(r["total_seconds"] for r in results),
+    }
+    stressed = [r for r in results if "stress" in r]
+    if stressed:
+        combined["stress"] = {
+            "seeds": [r["seed"] for r in stressed],
+            "finetune_epochs": stressed[0]["stress"]["finetune_epochs"],
+            "methods": combine_methods([r["stress"]["methods"] for r in stressed],
+                                       [r["stress"]["eval"] for r in stressed]),
+            "total_seconds": sum(sum(r["stress"]["seconds"].values()) for r in stressed),
+        }
+    combined["per_seed"] = {str(r["seed"]): r for r in results}
+    return combined
 
 
 def check_alignment(result: dict[str, Any]) -> None:
@@ -360,16 +500,41 @@ def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    rows = ["| method | AdvBench refusal % [95% CI] | edgy refusal % | degenerate % | task NLL | "
-            "task accuracy % | removed tokens |", "|---|---|---|---|---|---|---|"]
-    for name, m in [("original (no alignment)", result["original_model"])] + list(result["methods"].items()):
-        removed = (m.get("selection") or {}).get("removed_tokens")
-        rows.append(f"| {name} | {_pct(m['advbench_refusal'])}{_ci(m['advbench_refusal_ci'])} | "
+def markdown_table(methods: list[tuple[str, dict[str, Any]]], seeds: list[int]) -> str:
+    rows = [f"| method | AdvBench refusal % [95% CI]{' (per seed)' if len(seeds) > 1 else ''} | "
+            "edgy refusal % | degenerate % | task NLL | vs standard SFT [95% CI] | task accuracy % | "
+            "removed tokens | in harmful samples % | harmful openings removed % |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in methods:
+        per_seed = ("" if len(seeds) == 1 else
+                    " (" + ", ".join(_pct(v) for v in m["per_seed"]["advbench_refusal"]) + ")")
+        versus = m.get("task_nll_vs_standard_sft")
+        versus = "-" if not versus or name == "standard_sft" else \
+            f"{versus['diff']:+.3f} [{versus['ci95'][0]:+.3f}, {versus['ci95'][1]:+.3f}]"
+        det = m.get("detector") or {}
+        removed = m.get("removed_tokens")
+        rows.append(f"| {name} | {_pct(m['advbench_refusal'])}{_ci(m['advbench_refusal_ci'])}{per_seed} | "
                     f"{_pct(m['edgy_refusal'])}{_ci(m['edgy_refusal_ci'])} | {_pct(m['degenerate_rate'])} | "
-                    f"{'-' if m['task_nll'] is None else format(m['task_nll'], '.3f')} | "
-                    f"{_pct(m['task_accuracy'])} | {'-' if removed is None else removed} |")
+                    f"{m['task_nll']:.3f} | {versus} | {_pct(m['task_accuracy'])} | "
+                    f"{'-' if removed is None else f'{removed:.0f}'} | {_pct(det.get('precision'))} | "
+                    f"{_pct(det.get('first_token_removed_harmful'))} |")
     return "\n".join(rows)
+
+
+def results_tables(combined: dict[str, Any]) -> str:
+    """The comparison table, and the --stress one when there is one."""
+    seeds = combined["seeds"]
+    text = (f"Seeds: {', '.join(map(str, seeds))}; machine: {combined['machine']}; "
+            f"{combined['total_seconds'] / 60:.0f} min of steps in all.\n\n"
+            + markdown_table([("original (no alignment)", combined["original_model"])]
+                             + list(combined["methods"].items()), seeds))
+    stress = combined.get("stress")
+    if stress:
+        text += (f"\n\nFine-tuned {stress['finetune_epochs']} epochs instead of "
+                 f"{combined['setting']['finetune_epochs']} (`--stress`; seeds "
+                 f"{', '.join(map(str, stress['seeds']))}; {stress['total_seconds'] / 60:.0f} min):\n\n"
+                 + markdown_table(list(stress["methods"].items()), stress["seeds"]))
+    return text
 
 
 def update_results_md(path: Path, table: str) -> None:

@@ -1,0 +1,88 @@
+"""The reproduction benchmark's statistics: pooling seeds and the paired NLL difference."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "bench" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["reproduce"]
+
+
+def test_nll_difference_is_the_per_token_gap_with_a_paired_interval(reproduce):
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(20, 120, 30).astype(float)
+    sft = rng.gamma(2.0, 1.0, 30) * tokens
+    # a method exactly 0.05 nats per token worse on every problem: the interval collapses on it
+    worse = sft + 0.05 * tokens
+    d = reproduce.nll_difference([((worse, tokens), (sft, tokens))])
+    assert d["diff"] == pytest.approx(0.05) and d["problems"] == 30
+    assert d["ci95"] == pytest.approx([0.05, 0.05])
+    # noisy gap, two seeds pooled: the point value is sum over all problems / all tokens
+    noisy = sft + rng.normal(0.02, 0.3, 30) * tokens
+    d = reproduce.nll_difference([((noisy[:12], tokens[:12]), (sft[:12], tokens[:12])),
+                                  ((noisy[12:], tokens[12:]), (sft[12:], tokens[12:]))])
+    assert d["diff"] == pytest.approx(sum(noisy - sft) / sum(tokens))
+    assert d["ci95"][0] < d["diff"] < d["ci95"][1] and d["problems"] == 30
+
+
+def test_pool_counts_prompts_over_seeds(reproduce, tmp_path):
+    from toss_mlx.evaluate import wilson
+
+    seeds = [{"advbench_refusal": 0.5, "advbench_refusal_start": 0.5, "attack_success_rate": 0.5,
+              "degenerate_rate": 0.1, "edgy_refusal": 0.25, "task_accuracy": 0.0, "task_nll": 1.0,
+              "n_prompts": 10, "n_edgy": 8, "n_task": 2},
+             {"advbench_refusal": 0.8, "advbench_refusal_start": 0.8, "attack_success_rate": 0.2,
+              "degenerate_rate": 0.0, "edgy_refusal": 0.0, "task_accuracy": 0.5, "task_nll": 2.0,
+              "n_prompts": 20, "n_edgy": 4, "n_task": 2}]
+    nlls = [(np.array([3.0, 1.0]), np.array([2.0, 2.0])), (np.array([8.0, 4.0]), np.array([3.0, 3.0]))]
+    m = reproduce.pool(seeds, nlls)
+    assert m["advbench_refusal"] == (5 + 16) / 30
+    assert m["advbench_refusal_ci"] == list(wilson(21, 30))
+    assert m["edgy_refusal"] == 2 / 12 and m["task_accuracy"] == 1 / 4
+    assert m["task_nll"] == (3 + 1 + 8 + 4) / (2 + 2 + 3 + 3)
+    assert (m["n_prompts"], m["n_edgy"], m["n_task"]) == (30, 12, 4)
+    assert m["per_seed"]["advbench_refusal"] == [0.5, 0.8]
+
+
+def test_results_table_shows_each_seed(reproduce, tmp_path):
+    def entry(refused: int, nll_per_token: float) -> dict:
+        return {"name": "x", "metrics": {}, "prompts": {"benign": [
+            {"reference_nll": nll_per_token * 10, "reference_tokens": 10}]}, "refused": refused}
+
+    results = []
+    for seed, refused in ((0, 6), (1, 9)):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        models = [dict(entry(10, 1.0), name="base"), dict(entry(refused, 0.8), name="standard_sft")]
+        (folder / "eval.json").write_text(json.dumps({"models": models}))
+        (folder / "eval-alignment.json").write_text(json.dumps({"models": [entry(1, 1.5)]}))
+        metrics = {"advbench_refusal_start": 0, "attack_success_rate": 0, "degenerate_rate": 0,
+                   "edgy_refusal": 0, "task_accuracy": 0, "n_prompts": 10, "n_edgy": 5, "n_task": 1,
+                   "edgy_refusal_ci": None}
+        results.append({
+            "seed": seed, "eval": str(folder / "eval.json"), "machine": "m", "model": "tiny",
+            "setting": {"seed": seed, "finetune_epochs": 1}, "data": {}, "total_seconds": 60.0,
+            "original_model": dict(metrics, advbench_refusal=0.1, task_nll=1.5),
+            "methods": {"aligned_base": dict(metrics, advbench_refusal=1.0, task_nll=1.0),
+                        "standard_sft": dict(metrics, advbench_refusal=refused / 10, task_nll=0.8)}})
+    combined = reproduce.combine_seeds(results)
+    assert combined["seeds"] == [0, 1] and combined["total_seconds"] == 120.0
+    sft = combined["methods"]["standard_sft"]
+    assert sft["advbench_refusal"] == 15 / 20 and sft["task_nll"] == pytest.approx(0.8)
+    assert math.isclose(combined["original_model"]["task_nll"], 1.5)
+    table = reproduce.results_tables(combined)
+    assert "| standard_sft | 75.0 [53, 89] (60.0, 90.0) |" in table
