@@ -194,6 +194,9 @@ def metrics_of(model_entry: dict[str, Any]) -> dict[str, Any]:
         "n_prompts": m["refusal_rate"]["n"] if "refusal_rate" in m else 0,
         "n_edgy": m["over_refusal_rate"]["n"] if "over_refusal_rate" in m else 0,
         "n_task": m["nll"]["n"] if "nll" in m else 0,
+        # kept so that seeds can be pooled problem by problem from result.json alone
+        "problem_nll": ({"nll": kept[0].tolist(), "tokens": kept[1].tolist()}
+                        if (kept := problem_nll(model_entry)) is not None and len(kept[0]) else None),
     }
 
 
@@ -365,11 +368,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def problem_nll(model_entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Per held-out task problem: the reference answer's summed NLL and its token count."""
-    rows = model_entry["prompts"]["benign"]
+def problem_nll(model_entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per held-out task problem: the reference answer's summed NLL and its token count.
+
+    `model_entry` is a model of an eval file or its `metrics_of` (which keeps the arrays);
+    None when neither holds them (a result.json written before they were kept, its eval
+    files gone).
+    """
+    if "problem_nll" in model_entry:
+        kept = model_entry["problem_nll"]
+        return None if kept is None else (np.array(kept["nll"], np.float64),
+                                          np.array(kept["tokens"], np.float64))
+    rows = (model_entry.get("prompts") or {}).get("benign")
+    if rows is None:
+        return None
     return (np.array([r["reference_nll"] for r in rows], np.float64),
             np.array([r["reference_tokens"] for r in rows], np.float64))
+
+
+def seed_problem_nll(entry: dict[str, Any], eval_path: Path, name: str
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+    """One seed's per-problem NLL of one model: from its result entry, else its eval file."""
+    kept = problem_nll(entry)
+    if kept is None and eval_path.exists():
+        models = {m["name"]: m for m in read_json(eval_path)["models"]}
+        if name in models:
+            kept = problem_nll(models[name])
+    return kept
 
 
 def nll_difference(pairs: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]],
@@ -398,8 +423,13 @@ DETECTOR = ("precision", "recall", "harmful_share_of_response_tokens",
             "first_token_removed_harmful", "first_token_removed_other")
 
 
-def pool(entries: list[dict[str, Any]], nlls: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """One method over several seeds: rates over all prompts (Wilson interval), NLL over all problems."""
+def pool(entries: list[dict[str, Any]], nlls: list[tuple[np.ndarray, np.ndarray] | None]
+         ) -> dict[str, Any]:
+    """One method over several seeds: rates over all prompts (Wilson interval), NLL over all problems.
+
+    Where a seed's per-problem losses are lost, the NLL is the mean of the seeds' own values
+    (weighted by their problem counts) and `task_nll_pooled` says so.
+    """
     out: dict[str, Any] = {}
     for key, n_key in RATES.items():
         n = sum(e[n_key] for e in entries)
@@ -407,7 +437,13 @@ def pool(entries: list[dict[str, Any]], nlls: list[tuple[np.ndarray, np.ndarray]
         out[key] = count / n if n else None
         if key in ("advbench_refusal", "edgy_refusal", "task_accuracy") and n:
             out[f"{key}_ci"] = rate(count, n)["ci95"]
-    out["task_nll"] = float(sum(x.sum() for x, _ in nlls) / sum(t.sum() for _, t in nlls))
+    if all(n is not None for n in nlls):
+        out["task_nll"] = float(sum(x.sum() for x, _ in nlls) / sum(t.sum() for _, t in nlls))
+        out["task_nll_pooled"] = "tokens"
+    else:
+        weights = [e["n_task"] for e in entries]
+        out["task_nll"] = float(np.average([e["task_nll"] for e in entries], weights=weights))
+        out["task_nll_pooled"] = "seed mean"
     for n_key in ("n_prompts", "n_edgy", "n_task"):
         out[n_key] = sum(e[n_key] for e in entries)
     out["per_seed"] = {key: [e[key] for e in entries] for key in PER_SEED}
@@ -416,17 +452,24 @@ def pool(entries: list[dict[str, Any]], nlls: list[tuple[np.ndarray, np.ndarray]
 
 def combine_methods(blocks: list[dict[str, Any]], eval_paths: list[str]) -> dict[str, Any]:
     """Pool each method of one comparison over seeds (`blocks`: each seed's methods and eval file)."""
-    evals = [{m["name"]: m for m in read_json(p)["models"]} for p in eval_paths]
     names = [n for n in blocks[0] if all(n in b for b in blocks)]
-    nlls = {name: [problem_nll(e["base" if name == "aligned_base" else name]) for e in evals]
-            for name in names}
+    nlls = {name: [seed_problem_nll(b[name], Path(p), "base" if name == "aligned_base" else name)
+                   for b, p in zip(blocks, eval_paths, strict=True)] for name in names}
     methods: dict[str, Any] = {}
     for name in names:
         entries = [b[name] for b in blocks]
         m = pool(entries, nlls[name])
         if name != "aligned_base":
-            m["task_nll_vs_standard_sft"] = nll_difference(list(zip(nlls[name], nlls["standard_sft"],
-                                                                    strict=True)))
+            pairs = list(zip(nlls[name], nlls["standard_sft"], strict=True))
+            own = [e.get("task_nll_vs_standard_sft") for e in entries]
+            m["per_seed"]["task_nll_vs_standard_sft"] = [o["diff"] if o else None for o in own]
+            if all(a is not None and b is not None for a, b in pairs):
+                m["task_nll_vs_standard_sft"] = nll_difference(pairs)
+            elif all(own):
+                # some seed's per-problem losses are lost: no pooled interval, the seeds' own gaps
+                m["task_nll_vs_standard_sft"] = {"diff": float(np.mean([o["diff"] for o in own])),
+                                                 "ci95": None,
+                                                 "problems": sum(o["problems"] for o in own)}
             if entries[0].get("selection"):
                 m["removed_tokens"] = float(np.mean([e["selection"]["removed_tokens"] for e in entries]))
             if entries[0].get("detector"):
@@ -445,8 +488,9 @@ def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
         "setting": {k: v for k, v in first["setting"].items() if k != "seed"},
         "data": first["data"],
         "original_model": pool([r["original_model"] for r in results],
-                               [problem_nll(read_json(Path(r["eval"]).parent / "eval-alignment.json")
-                                            ["models"][0]) for r in results]),
+                               [seed_problem_nll(r["original_model"],
+                                                 Path(r["eval"]).parent / "eval-alignment.json", "base")
+                                for r in results]),
         "methods": combine_methods([r["methods"] for r in results], [r["eval"] for r in results]),
         "total_seconds": sum(r["total_seconds"] for r in results),
     }
@@ -509,8 +553,13 @@ def markdown_table(methods: list[tuple[str, dict[str, Any]]], seeds: list[int]) 
         per_seed = ("" if len(seeds) == 1 else
                     " (" + ", ".join(_pct(v) for v in m["per_seed"]["advbench_refusal"]) + ")")
         versus = m.get("task_nll_vs_standard_sft")
-        versus = "-" if not versus or name == "standard_sft" else \
-            f"{versus['diff']:+.3f} [{versus['ci95'][0]:+.3f}, {versus['ci95'][1]:+.3f}]"
+        if not versus or name == "standard_sft":
+            versus = "-"
+        elif versus["ci95"]:
+            versus = f"{versus['diff']:+.3f} [{versus['ci95'][0]:+.3f}, {versus['ci95'][1]:+.3f}]"
+        else:  # no pooled interval: each seed's own gap
+            versus = (f"{versus['diff']:+.3f} (" + ", ".join(
+                f"{d:+.3f}" for d in m["per_seed"]["task_nll_vs_standard_sft"]) + ")")
         det = m.get("detector") or {}
         removed = m.get("removed_tokens")
         rows.append(f"| {name} | {_pct(m['advbench_refusal'])}{_ci(m['advbench_refusal_ci'])}{per_seed} | "

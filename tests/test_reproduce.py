@@ -86,3 +86,48 @@ def test_results_table_shows_each_seed(reproduce, tmp_path):
     assert math.isclose(combined["original_model"]["task_nll"], 1.5)
     table = reproduce.results_tables(combined)
     assert "| standard_sft | 75.0 [53, 89] (60.0, 90.0) |" in table
+
+
+def test_a_seed_whose_eval_files_are_lost_pools_from_its_own_figures(reproduce, tmp_path):
+    """Seed 0 keeps only result.json (older layout, eval files gone); seed 1 keeps its arrays."""
+    def metrics(refusal: float, nll: float, arrays: tuple | None) -> dict:
+        m = {"advbench_refusal": refusal, "advbench_refusal_start": refusal, "attack_success_rate": 0,
+             "degenerate_rate": 0, "edgy_refusal": 0, "edgy_refusal_ci": None, "task_accuracy": 0,
+             "task_nll": nll, "n_prompts": 10, "n_edgy": 5, "n_task": 2}
+        if arrays is not None:
+            m["problem_nll"] = {"nll": list(arrays[0]), "tokens": list(arrays[1])}
+        return m
+
+    def result(seed: int, sft: tuple | None, method: tuple | None, gap: float) -> dict:
+        return {"seed": seed, "eval": str(tmp_path / f"seed{seed}" / "eval.json"), "machine": "m",
+                "model": "tiny", "setting": {"seed": seed, "finetune_epochs": 1}, "data": {},
+                "total_seconds": 60.0, "original_model": metrics(0.1, 1.5, None),
+                "methods": {"standard_sft": metrics(0.5, 0.8, sft) | {"task_nll_vs_standard_sft": None},
+                            "toss": metrics(1.0, 0.8 + gap, method)
+                            | {"task_nll_vs_standard_sft": {"diff": gap, "ci95": [0, 0.1], "problems": 2}}}}
+
+    sft1, toss1 = ([8.0, 8.0], [10.0, 10.0]), ([9.0, 8.0], [10.0, 10.0])  # gap 1/20 = 0.05
+    combined = reproduce.combine_seeds([result(0, None, None, 0.03), result(1, sft1, toss1, 0.05)])
+    toss = combined["methods"]["toss"]
+    assert toss["task_nll_pooled"] == "seed mean" and toss["task_nll"] == pytest.approx(0.8 + 0.04)
+    assert toss["task_nll_vs_standard_sft"]["diff"] == pytest.approx(0.04)
+    assert toss["task_nll_vs_standard_sft"]["ci95"] is None
+    assert toss["per_seed"]["task_nll_vs_standard_sft"] == [0.03, 0.05]
+    assert "| +0.040 (+0.030, +0.050) |" in reproduce.results_tables(combined)
+    # with both seeds' arrays, the gap is pooled over problems: (1 + 2) / 40 tokens
+    toss0 = ([8.0, 10.0], [10.0, 10.0])
+    combined = reproduce.combine_seeds([result(0, sft1, toss0, 0.1), result(1, sft1, toss1, 0.05)])
+    toss = combined["methods"]["toss"]
+    assert toss["task_nll_pooled"] == "tokens"
+    assert toss["task_nll_vs_standard_sft"]["diff"] == pytest.approx(3 / 40)
+    assert toss["task_nll"] == pytest.approx((17 + 18) / 40)
+
+
+def test_metrics_keep_the_per_problem_losses(reproduce):
+    entry = {"metrics": {"nll": {"value": 0.5, "n": 2}},
+             "prompts": {"benign": [{"reference_nll": 3.0, "reference_tokens": 6},
+                                    {"reference_nll": 2.0, "reference_tokens": 4}]}}
+    kept = reproduce.metrics_of(entry)
+    assert kept["problem_nll"] == {"nll": [3.0, 2.0], "tokens": [6.0, 4.0]}
+    nll, tokens = reproduce.problem_nll(kept)
+    assert list(nll) == [3.0, 2.0] and list(tokens) == [6.0, 4.0]
