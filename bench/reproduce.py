@@ -386,14 +386,17 @@ def problem_nll(model_entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | 
             np.array([r["reference_tokens"] for r in rows], np.float64))
 
 
-def seed_problem_nll(entry: dict[str, Any], eval_path: Path, name: str
+def eval_models(eval_path: Path) -> dict[str, dict[str, Any]]:
+    """An eval file's models by name; empty when the file is gone (an older seed's run folder)."""
+    return {m["name"]: m for m in read_json(eval_path)["models"]} if eval_path.exists() else {}
+
+
+def seed_problem_nll(entry: dict[str, Any], evaluated: dict[str, dict[str, Any]], name: str
                      ) -> tuple[np.ndarray, np.ndarray] | None:
-    """One seed's per-problem NLL of one model: from its result entry, else its eval file."""
+    """One seed's per-problem NLL of one model: from its result entry, else its eval file's model."""
     kept = problem_nll(entry)
-    if kept is None and eval_path.exists():
-        models = {m["name"]: m for m in read_json(eval_path)["models"]}
-        if name in models:
-            kept = problem_nll(models[name])
+    if kept is None and name in evaluated:
+        kept = problem_nll(evaluated[name])
     return kept
 
 
@@ -453,8 +456,9 @@ def pool(entries: list[dict[str, Any]], nlls: list[tuple[np.ndarray, np.ndarray]
 def combine_methods(blocks: list[dict[str, Any]], eval_paths: list[str]) -> dict[str, Any]:
     """Pool each method of one comparison over seeds (`blocks`: each seed's methods and eval file)."""
     names = [n for n in blocks[0] if all(n in b for b in blocks)]
-    nlls = {name: [seed_problem_nll(b[name], Path(p), "base" if name == "aligned_base" else name)
-                   for b, p in zip(blocks, eval_paths, strict=True)] for name in names}
+    evals = [eval_models(Path(p)) for p in eval_paths]
+    nlls = {name: [seed_problem_nll(b[name], e, "base" if name == "aligned_base" else name)
+                   for b, e in zip(blocks, evals, strict=True)] for name in names}
     methods: dict[str, Any] = {}
     for name in names:
         entries = [b[name] for b in blocks]
@@ -489,8 +493,8 @@ def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
         "data": first["data"],
         "original_model": pool([r["original_model"] for r in results],
                                [seed_problem_nll(r["original_model"],
-                                                 Path(r["eval"]).parent / "eval-alignment.json", "base")
-                                for r in results]),
+                                                 eval_models(Path(r["eval"]).parent / "eval-alignment.json"),
+                                                 "base") for r in results]),
         "methods": combine_methods([r["methods"] for r in results], [r["eval"] for r in results]),
         "total_seconds": sum(r["total_seconds"] for r in results),
     }
