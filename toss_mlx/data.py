@@ -206,8 +206,13 @@ def _text(row: dict[str, Any], key: str, required: bool = True) -> str:
     return value
 
 
-def to_messages(row: dict[str, Any], fmt: str = "auto") -> list[dict[str, str]]:
-    """Turn a row of any supported format into chat messages. Raises ValueError on bad rows."""
+def to_messages(row: dict[str, Any], fmt: str = "auto", require_answer: bool = True
+                ) -> list[dict[str, str]]:
+    """Turn a row of any supported format into chat messages. Raises ValueError on bad rows.
+
+    `require_answer=False` also accepts a conversation without an assistant turn (a prompt
+    to answer, as in evaluation files).
+    """
     fmt = detect_format(row) if fmt == "auto" else fmt
     if fmt == "messages":
         msgs = row.get("messages")
@@ -242,7 +247,7 @@ def to_messages(row: dict[str, Any], fmt: str = "auto") -> list[dict[str, str]]:
                {"role": "assistant", "content": _text(row, "output")}]
     else:
         raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    if not any(m["role"] == "assistant" for m in out):
+    if require_answer and not any(m["role"] == "assistant" for m in out):
         raise ValueError("no assistant turn")
     return out
 
