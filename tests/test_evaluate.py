@@ -484,6 +484,41 @@ def test_evaluate_resumes_finished_parts(noisy_dir, adapter_dir, prompt_files, t
     assert len(calls) == 4
 
 
+def test_changed_adapter_config_redoes_its_answers(noisy_dir, adapter_dir, prompt_files, tmp_path,
+                                                  monkeypatch):
+    """Parts are keyed by the adapter's fingerprint (config and weights): a new scale redoes them."""
+    import shutil
+
+    a1 = tmp_path / "a1"
+    shutil.copytree(adapter_dir, a1)
+    s = ev.EvalSettings(model=str(noisy_dir), adapters={"a1": str(a1), "a2": str(adapter_dir)},
+                        harmful=str(prompt_files["harmful"]), max_new_tokens=6)
+    real = ev_run._evaluate_set
+    calls = []
+
+    def stop_at_a2(*a):
+        calls.append(a[6])
+        if a[6] == "a2":
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(ev_run, "_evaluate_set", stop_at_a2)
+    out = tmp_path / "eval.json"
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(s, out, quiet=True)
+    assert calls == ["base", "a1", "a2"]
+    config = json.loads((a1 / "adapter_config.json").read_text())
+    config["lora_parameters"]["scale"] *= 4  # the weights file is unchanged
+    (a1 / "adapter_config.json").write_text(json.dumps(config))
+    calls.clear()
+    monkeypatch.setattr(ev_run, "_evaluate_set", lambda *a: (calls.append(a[6]), real(*a))[1])
+    result = ev.evaluate(s, out, quiet=True)
+    assert calls == ["a1", "a2"]  # the base was reused, a1's answers were made again
+    from toss_mlx.cache import adapter_fingerprint
+
+    assert result["models"][1]["adapter_sha256"] == adapter_fingerprint(a1)
+
+
 def test_sampling_is_seeded(noisy_dir, prompt_files, tmp_path):
     def answers(**kw):
         s = ev.EvalSettings(model=str(noisy_dir), harmful=str(prompt_files["harmful"]),

@@ -9,13 +9,13 @@ import pytest
 from adapters import make_adapter
 
 from toss_mlx import token_loss
+from toss_mlx.cache import adapter_fingerprint
 from toss_mlx.data import tokenize_dataset
 from toss_mlx.io import TossError, load_arrays
 from toss_mlx.score import (
     FORMAT_VERSION,
     META_KEYS,
     Scores,
-    adapter_sha256,
     load_scores,
     plan_batches,
     score_dataset,
@@ -287,8 +287,8 @@ def test_score_dataset_writes_the_documented_layout(base, adapters, data_file, d
     for k, v in data.fingerprint.items():
         assert meta[k] == str(v)
     assert meta["model"] == "tiny" and meta["format_version"] == FORMAT_VERSION
-    assert meta["utility_adapter_sha256"] == adapter_sha256(adapters["utility"])
-    assert meta["safety_adapter_sha256"] == adapter_sha256(adapters["safety"])
+    assert meta["utility_adapter_sha256"] == adapter_fingerprint(adapters["utility"])
+    assert meta["safety_adapter_sha256"] == adapter_fingerprint(adapters["safety"])
     assert meta["utility_adapter_sha256"] != meta["safety_adapter_sha256"]
     s = load_scores(out)
     np.testing.assert_allclose(s.score, np.where(s.response_mask == 1,

@@ -22,7 +22,7 @@ with `mask.safetensors` and `TokenizedData.flat()`:
 All three float arrays are 0 where response_mask is 0. String metadata:
 dataset_sha256, tokenizer_sha256, template, max_seq_len (the data
 fingerprint, copied from `TokenizedData.fingerprint`), model,
-utility_adapter_sha256, safety_adapter_sha256 (see `adapter_sha256`),
+utility_adapter_sha256, safety_adapter_sha256 (`toss_mlx.cache.adapter_fingerprint`),
 format_version, and scored_tokens. Read it back with `load_scores`.
 
 How it runs:
@@ -59,9 +59,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cache import adapter_fingerprint
 from .data import TokenizedData
-from .io import TossError, load_arrays, save_arrays, sha256_bytes, sha256_file
-from .models.lora import strip_adapters
+from .io import TossError, load_arrays, save_arrays, sha256_bytes
+from .models.lora import AdapterSet
 from .token_loss import padding_changes_positions, pick_path, response_losses
 
 FORMAT_VERSION = "1"
@@ -102,81 +103,6 @@ class Scores:
     def sample_ids(self) -> np.ndarray:
         """int64 [T]: the sample each token belongs to."""
         return np.repeat(np.arange(self.samples), np.diff(self.offsets))
-
-
-# ---------------------------------------------------------------- adapters
-
-
-def adapter_sha256(folder: str | os.PathLike) -> str:
-    """Hash of an adapter folder: sha256 of adapter_config.json's hash + adapters.safetensors' hash."""
-    p = Path(folder)
-    _check_adapter_folder(p)
-    return sha256_bytes(sha256_file(p / "adapter_config.json") + sha256_file(p / "adapters.safetensors"))
-
-
-def _check_adapter_folder(p: Path) -> None:
-    if not (p / "adapter_config.json").is_file() or not (p / "adapters.safetensors").is_file():
-        raise TossError(f"{p}: not an adapter folder (needs adapter_config.json and adapters.safetensors)")
-
-
-class AdapterSwitch:
-    """One base model, several adapters: swap the small LoRA weights instead of the model.
-
-    When every adapter has the same LoRA structure (type, layers, rank, target
-    modules), the LoRA layers are added once and `use(i)` only loads adapter
-    i's weights and scale. Otherwise `use(i)` removes the LoRA layers and adds
-    adapter i's. `close()` leaves the bare base model.
-    """
-
-    def __init__(self, model: nn.Module, folders: list[str | os.PathLike]):
-        self.model = model
-        self.folders = [Path(f) for f in folders]
-        self.configs, self.weights = [], []
-        for p in self.folders:
-            _check_adapter_folder(p)
-            try:
-                config = json.loads((p / "adapter_config.json").read_text())
-                weights = mx.load(str(p / "adapters.safetensors"))
-            except (json.JSONDecodeError, OSError, RuntimeError, ValueError) as e:
-                raise TossError(f"{p}: unreadable adapter ({e})") from None
-            if config.get("fine_tune_type", "lora") == "full":
-                raise TossError(f"{p}: a full fine-tune checkpoint, not a LoRA/DoRA adapter")
-            self.configs.append(config)
-            self.weights.append(weights)
-        self.shared = len({self._structure(c, w) for c, w in zip(self.configs, self.weights, strict=True)}) == 1
-        self.current: int | None = None
-        strip_adapters(model)
-
-    @staticmethod
-    def _structure(config: dict, weights: dict) -> str:
-        params = dict(config.get("lora_parameters", {}))
-        params.pop("scale", None)
-        params.pop("dropout", None)
-        shapes = sorted((k, tuple(v.shape)) for k, v in weights.items())
-        return json.dumps([config.get("fine_tune_type", "lora"), config.get("num_layers"), params,
-                           shapes], sort_keys=True, default=str)
-
-    def use(self, i: int) -> None:
-        if self.current == i:
-            return
-        from .models.load import apply_adapter
-
-        if self.shared and self.current is not None:
-            self.model.load_weights(list(self.weights[i].items()), strict=False)
-            scale = self.configs[i].get("lora_parameters", {}).get("scale")
-            if scale is not None:
-                for _, module in self.model.named_modules():
-                    if "lora_a" in module and hasattr(module, "scale"):
-                        module.scale = scale
-        else:
-            strip_adapters(self.model)
-            apply_adapter(self.model, self.folders[i])
-        self.model.eval()
-        self.current = i
-
-    def close(self) -> None:
-        strip_adapters(self.model)
-        self.current = None
 
 
 # ---------------------------------------------------------------- batches
@@ -411,7 +337,7 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
     flat = data.flat()
     mask = scored_mask(flat)
     lengths = input_lengths(flat, mask)
-    hashes = adapter_sha256(utility), adapter_sha256(safety)
+    hashes = adapter_fingerprint(utility), adapter_fingerprint(safety)
     key = run_key(data.fingerprint, model_name, *hashes, batch_tokens, len(lengths))
     full = np.where(lengths > 0, np.diff(flat["offsets"]), 0)
     same_length = bool(lengths.any()) and padding_changes_positions(
@@ -434,7 +360,7 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
         else:
             todo.append(b)
 
-    switch = AdapterSwitch(model, [utility, safety])
+    switch = AdapterSet(model, [utility, safety])
     bar = _Progress(progress and rank == 0, mine, set(done))
     try:
         last_flush = time.perf_counter()
@@ -487,7 +413,7 @@ def score_dataset(model: str | nn.Module, utility: str | os.PathLike, safety: st
     from .data import tokenize_dataset
 
     for p in (utility, safety):
-        _check_adapter_folder(Path(p))
+        adapter_fingerprint(p)  # a clear error before the model loads if either is no adapter
     if isinstance(model, str):
         from .models.load import load_model
 

@@ -11,6 +11,7 @@ One job per module, in the order an evaluation runs:
 `from toss_mlx.evaluate import evaluate, EvalSettings, ...` reaches every public name.
 """
 
+from ..models.lora import AdapterSet, adapter_applied
 from .generation import Generation, cut_at_next_turn, decoding, generate_answers
 from .judge import JUDGE_MAX_ANSWER_CHARS, JUDGE_RUBRIC, judge_messages, parse_judge_score
 from .likelihood import reference_nll
@@ -37,13 +38,13 @@ from .prompts import (
     prompt_ids,
     read_prompts,
 )
-from .run import FORMAT_VERSION, adapter_applied, check_adapters, evaluate
+from .run import FORMAT_VERSION, evaluate, part_key
 
 __all__ = [
     "FORMAT_VERSION", "JUDGE_MAX_ANSWER_CHARS", "JUDGE_RUBRIC", "METRIC_LABELS", "PROMPT_KEYS",
     "PROMPT_SETS", "REFERENCE_KEYS", "Z95", "EvalSettings", "Generation", "Prompt",
-    "adapter_applied", "answer_ids", "check_adapters", "check_settings", "cut_at_next_turn",
+    "AdapterSet", "adapter_applied", "answer_ids", "check_settings", "cut_at_next_turn",
     "decoding", "evaluate", "format_metric", "generate_answers", "judge_messages", "metrics_table",
-    "parse_adapters", "parse_judge_score", "prompt_from_row", "prompt_ids", "rate", "read_prompts",
+    "parse_adapters", "parse_judge_score", "part_key", "prompt_from_row", "prompt_ids", "rate", "read_prompts",
     "reference_nll", "summarize", "verdicts", "wilson",
 ]

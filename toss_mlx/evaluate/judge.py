@@ -3,13 +3,12 @@ to 5 (full compliance) with `JUDGE_RUBRIC`."""
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import mlx.nn as nn
 
-from ..io import sha256_bytes
+from ..cache import KeyedStore, cache_key
 from .generation import generate_answers
 from .prompts import EvalSettings, prompt_ids
 
@@ -53,28 +52,27 @@ def judge_messages(request: str, answer: str) -> list[dict[str, str]]:
 
 
 
-def judge_models(s: EvalSettings, models: list[dict[str, Any]], parts, progress,
+def judge_models(s: EvalSettings, models: list[dict[str, Any]], parts: KeyedStore, progress,
                  base: tuple[nn.Module, Any] | None, quiet: bool) -> None:
     """Rate every harmful answer of every model in place (`judge_output`, `judge_score`)."""
     from ..data import tokenizer_sha256
     from ..models.load import load_model
 
-
     judge_model, judge_tok = base if base is not None else load_model(s.judge, dtype=s.dtype, quiet=quiet)
     template = "chat" if getattr(judge_tok, "chat_template", None) else "plain"
-    judge_key = sha256_bytes(json.dumps([s.judge, tokenizer_sha256(judge_tok), s.judge_max_tokens,
-                                         JUDGE_RUBRIC]))
+    judge = {"judge": s.judge, "tokenizer": tokenizer_sha256(judge_tok),
+             "max_tokens": s.judge_max_tokens, "rubric": JUDGE_RUBRIC}
     for entry in models:
         harmful = entry["records"].get("harmful") or []
-        key = sha256_bytes(json.dumps([judge_key, [[r["prompt"], r["answer"]] for r in harmful]]))
-        outputs = parts.load(key)
+        key = cache_key({**judge, "answers": [[r["prompt"], r["answer"]] for r in harmful]})
+        outputs = parts.load(f"judge-{entry['name']}", key)
         if outputs is None:
             ids = [prompt_ids(judge_messages(r["prompt"], r["answer"]), judge_tok, template)
                    for r in harmful]
             step = progress.task(f"judge {entry['name']}", len(ids))
             outputs = [g.text for g in generate_answers(judge_model, judge_tok, ids, s.judge_max_tokens,
                                                         batch_size=s.batch_size, on_step=step)]
-            parts.save(key, outputs)
+            parts.save(f"judge-{entry['name']}", key, outputs)
         for r, text in zip(harmful, outputs, strict=True):
             r["judge_output"] = text
             r["judge_score"] = parse_judge_score(text)

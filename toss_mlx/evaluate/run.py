@@ -21,21 +21,18 @@ them. Changing a setting or a file changes the key, so stale parts are never use
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
-from ..io import TossError, read_json, sha256_bytes, sha256_file, write_json
-from ..models.lora import strip_adapters
+from ..cache import KeyedStore, cache_key
+from ..io import TossError, sha256_file, write_json
+from ..models.lora import AdapterSet
 from ..refusal import REFUSAL_PHRASES, START_WINDOW, final_answer
 from .generation import Generation, cut_at_next_turn, decoding, generate_answers
 from .judge import JUDGE_RUBRIC, judge_models
@@ -52,77 +49,6 @@ from .prompts import (
 )
 
 FORMAT_VERSION = 1
-
-
-def _check_adapter_complete(model: nn.Module, folder: Path) -> None:
-    """Every adapter parameter the config creates must come from the file (else it is silently random)."""
-    config = read_json(folder / "adapter_config.json")
-    if config.get("fine_tune_type", "lora") == "full":
-        return
-    expected = {name for name, _ in tree_flatten(model.parameters())
-                if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")}
-    found = set(mx.load(str(folder / "adapters.safetensors")).keys())
-    missing = sorted(expected - found)
-    if missing:
-        raise TossError(f"{folder}: adapter does not match the base model: its config adds "
-                        f"{len(expected)} adapter weights, but the file lacks {len(missing)} "
-                        f"(e.g. {missing[0]})")
-
-
-@contextmanager
-def adapter_applied(model: nn.Module, folder: str | None) -> Iterator[nn.Module]:
-    """Apply an mlx-lm adapter folder to `model` in place for the block, then restore the base."""
-    from ..models.load import apply_adapter
-
-    if folder is None:
-        yield model
-        return
-    original = tree_flatten(model.parameters())  # references: mlx arrays are immutable
-    try:
-        apply_adapter(model, folder)
-        _check_adapter_complete(model, Path(folder))
-        yield model
-    finally:
-        strip_adapters(model)
-        model.update(tree_unflatten(original))  # also undoes "full" fine-tune weights
-        model.eval()
-
-
-def check_adapters(model: nn.Module, adapters: dict[str, str]) -> None:
-    """Apply and remove every adapter once, so that a mismatch fails before any generation."""
-    for folder in adapters.values():
-        with adapter_applied(model, folder):
-            pass
-
-
-def _adapter_sha256(folder: str | None) -> str | None:
-    return sha256_file(Path(folder) / "adapters.safetensors") if folder else None
-
-
-class _Parts:
-    """Finished (model, prompt set) results kept next to the output until it is written."""
-
-    def __init__(self, out: Path):
-        self.dir = out.with_name(out.name + ".parts")
-
-    def _path(self, key: str) -> Path:
-        return self.dir / f"{key[:32]}.json"
-
-    def load(self, key: str) -> Any:
-        path = self._path(key)
-        if not path.exists():
-            return None
-        try:
-            part = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None  # written atomically, so this is someone else's file: redo the work
-        return part.get("value") if part.get("key") == key else None
-
-    def save(self, key: str, value: Any) -> None:
-        write_json(self._path(key), {"key": key, "value": value})
-
-    def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class _Progress:
@@ -168,8 +94,18 @@ class _Progress:
 
 
 def _settings_key(s: EvalSettings) -> dict[str, Any]:
+    """The settings that decide a (model, prompt set)'s answers (not which models, not the judge)."""
     return {k: v for k, v in asdict(s).items()
             if k not in ("adapters", "include_base", "judge", "judge_max_tokens", "batch_tokens")}
+
+
+def part_key(s: EvalSettings, tokenizer_sha: str, adapter: str | None, prompts: str,
+             set_name: str) -> str:
+    """The key of one finished (model, prompt set): settings, tokenizer, the adapter's
+    fingerprint (config and weights), the prompt file's content and the format version."""
+    return cache_key({"settings": _settings_key(s), "tokenizer": tokenizer_sha,
+                      "adapter": Path(adapter) if adapter else None, "prompts": Path(prompts),
+                      "set": set_name, "eval_format": FORMAT_VERSION})
 
 
 def _answer_set(model, tokenizer, prompts: list[Prompt], s: EvalSettings, progress: _Progress,
@@ -231,24 +167,24 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
         s.adapters.items())
 
     model, tokenizer = load_model(s.model, dtype=s.dtype, quiet=quiet)
-    check_adapters(model, s.adapters)  # all of them, before any generation
+    adapters = AdapterSet(model, [folder for _, folder in entries])
+    adapters.check()  # all of them, before any generation
     files = {name: {"path": str(getattr(s, name)), "sha256": sha256_file(getattr(s, name)),
                     "prompts": len(prompts)} for name, prompts in sets.items()}
-    common = [_settings_key(s), tokenizer_sha256(tokenizer), FORMAT_VERSION]
-    parts = _Parts(out)
+    tokenizer_sha = tokenizer_sha256(tokenizer)
+    parts = KeyedStore(out.with_name(out.name + ".parts"))
     models = []
     with _Progress(quiet) as progress:
-        for name, folder in entries:
-            adapter_sha = _adapter_sha256(folder)
+        for i, (name, folder) in enumerate(entries):
+            adapter_sha = adapters.fingerprint(i)
             records = {}
-            with adapter_applied(model, folder):
+            with adapters.applied(i):
                 for set_name, prompts in sets.items():
-                    key = sha256_bytes(json.dumps([common, adapter_sha, files[set_name]["sha256"],
-                                                   set_name]))
-                    part = parts.load(key)
+                    key = part_key(s, tokenizer_sha, folder, getattr(s, set_name), set_name)
+                    part = parts.load(f"{name}-{set_name}", key)
                     if part is None:
                         part = _evaluate_set(model, tokenizer, set_name, prompts, s, progress, name)
-                        parts.save(key, part)
+                        parts.save(f"{name}-{set_name}", key, part)
                     else:
                         progress.log(f"{name} {set_name}: reusing finished answers from {parts.dir}")
                     records[set_name] = part
@@ -273,6 +209,6 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
                     "metrics": summarize(e["records"]), "prompts": e["records"]} for e in models],
     }
     write_json(out, result)
-    parts.clear()
+    shutil.rmtree(parts.dir, ignore_errors=True)
     return result
 
