@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from toss_mlx.io import TossError
+from toss_mlx.layout import Scores
 from toss_mlx.refine import top_samples, top_token_set
-from toss_mlx.score import Scores
 
 
 def make_scores(per_sample: list[list[float]], rows: list[int], prompt_tokens: int = 2) -> Scores:
@@ -97,7 +97,7 @@ def test_refine_rounds_grow_the_harmful_set_and_resume(refine_inputs, tiny_model
     added = [r["added"] for r in result.rounds]
     assert [len(a) for a in added] == [3, 3] and not set(added[0]) & set(added[1])
     # Round 1 picked the first 3 samples of round 1's own ranking.
-    from toss_mlx.score import load_scores
+    from toss_mlx.layout import load_scores
 
     r1 = load_scores(out / "round-1" / "scores.safetensors")
     assert added[0] == [p["row_index"] for p in top_samples(r1, 3, set())]

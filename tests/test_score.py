@@ -12,11 +12,8 @@ from toss_mlx import token_loss
 from toss_mlx.cache import adapter_fingerprint
 from toss_mlx.data import tokenize_dataset
 from toss_mlx.io import TossError, load_arrays
+from toss_mlx.layout import FORMAT_VERSION, META_KEYS, Scores, load_scores
 from toss_mlx.score import (
-    FORMAT_VERSION,
-    META_KEYS,
-    Scores,
-    load_scores,
     plan_batches,
     score_dataset,
     score_tokens,

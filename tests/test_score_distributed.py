@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from adapters import make_adapter
 
-from toss_mlx.score import load_scores, plan_batches, score_dataset
+from toss_mlx.layout import load_scores
+from toss_mlx.score import plan_batches, score_dataset
 
 ROWS = [{"prompt": f"Question {i}: name {i} things.",
          "completion": " ".join(["thing"] * (1 + 3 * (i % 5))) + "."} for i in range(10)]

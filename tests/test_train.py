@@ -14,7 +14,7 @@ from toss_mlx.batches import (
     KeepDataset,
     epoch_batches,
     iterate_batches,
-    load_mask,
+    keep_of_mask,
     make_batch,
     masked_cross_entropy,
     masked_loss,
@@ -252,33 +252,33 @@ def write_mask(path, tokenized, keep, **meta_changes):
 def test_mask_round_trip_and_refusals(tmp_path, tokenized):
     keep = random_mask(tokenized)
     good = write_mask(tmp_path / "mask.safetensors", tokenized, keep)
-    assert np.array_equal(load_mask(good, tokenized), keep)
+    assert np.array_equal(keep_of_mask(good, tokenized), keep)
 
     other = write_mask(tmp_path / "other.safetensors", tokenized, keep, template="plain",
                        dataset_sha256="0" * 64)
     with pytest.raises(TossError, match="(?s)other data.*dataset_sha256.*template"):
-        load_mask(other, tokenized)
+        keep_of_mask(other, tokenized)
 
     flat = tokenized.flat()
     shifted = tmp_path / "rows.safetensors"
     save_arrays(shifted, {"offsets": flat["offsets"], "row_index": flat["row_index"] + 1,
                           "keep": keep.astype(np.uint8)}, tokenized.fingerprint)
     with pytest.raises(TossError, match="rows other than"):
-        load_mask(shifted, tokenized)
+        keep_of_mask(shifted, tokenized)
     offsets = flat["offsets"].copy()
     offsets[1] += 1
     moved = tmp_path / "offsets.safetensors"
     save_arrays(moved, {"offsets": offsets, "row_index": flat["row_index"],
                         "keep": keep.astype(np.uint8)}, tokenized.fingerprint)
     with pytest.raises(TossError, match="offsets differ"):
-        load_mask(moved, tokenized)
+        keep_of_mask(moved, tokenized)
 
     with pytest.raises(TossError, match="not found"):
-        load_mask(tmp_path / "missing.safetensors", tokenized)
+        keep_of_mask(tmp_path / "missing.safetensors", tokenized)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(TossError, match="not a readable safetensors mask file"):
-        load_mask(corrupt, tokenized)
+        keep_of_mask(corrupt, tokenized)
 
 
 # ---------------------------------------------------------------- training runs

@@ -1,6 +1,6 @@
 """Token-masked batches and loss: what `toss-mlx train` feeds mlx-lm's trainer.
 
-1. `load_mask` reads a mask file written by `toss-mlx select` and refuses it
+1. `keep_of_mask` reads a mask file written by `toss-mlx select` and refuses it
    unless it was made for exactly this tokenized data (fingerprint, rows, offsets).
 2. `KeepDataset` holds each sample's tokens and keep mask: the response tokens
    that the mask keeps (every response token when there is no mask). Removed
@@ -28,8 +28,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .data import TokenizedData, check_fingerprint
-from .io import TossError, load_arrays
+from .data import TokenizedData
+from .io import TossError
+from .layout import load_mask
 
 LOSS_NORMS = ("token", "sample")
 PAD_TO = 32  # mlx-lm's padding step: few distinct shapes, so few recompiles
@@ -38,29 +39,15 @@ PAD_TO = 32  # mlx-lm's padding step: few distinct shapes, so few recompiles
 # ---------------------------------------------------------------- 1. masks
 
 
-def load_mask(path: str | os.PathLike, data: TokenizedData) -> np.ndarray:
-    """Read a mask file and return its `keep` array (bool [T], aligned with `data.flat()`).
+def keep_of_mask(path: str | os.PathLike, data: TokenizedData) -> np.ndarray:
+    """The `keep` array (bool [T], aligned with `data.flat()`) of a mask made for `data`.
 
-    Refused with a clear message when the file is missing or unreadable, when it was
-    made for other data, tokenizer, template or max length, or when its rows and
-    token offsets disagree with `data`.
+    Checked by `toss_mlx.layout.load_mask`: refused unless made for exactly this
+    tokenized data (fingerprint, rows, offsets).
     """
-    arrays, meta = load_arrays(path, "mask file")
-    missing = [k for k in ("offsets", "row_index", "keep") if k not in arrays]
-    if missing:
-        raise TossError(f"{path}: not a mask file (missing arrays: {', '.join(missing)})")
-    check_fingerprint(data.fingerprint, meta, f"mask file {path}")
     flat = data.flat()
-    offsets, rows, keep = arrays["offsets"], arrays["row_index"], arrays["keep"]
-    if len(rows) != len(flat["row_index"]) or not np.array_equal(rows, flat["row_index"]):
-        raise TossError(f"{path}: the mask covers rows other than the data's "
-                        f"({len(rows)} vs {len(flat['row_index'])} samples); remake it with `toss-mlx select`")
-    if not np.array_equal(offsets, flat["offsets"]):
-        raise TossError(f"{path}: the mask's token offsets differ from the tokenized data; "
-                        "remake it with `toss-mlx select`")
-    if keep.ndim != 1 or len(keep) != int(offsets[-1]):
-        raise TossError(f"{path}: 'keep' has {keep.size} entries, the data has {int(offsets[-1])} tokens")
-    return keep.astype(bool)
+    return load_mask(path, flat["offsets"], flat["row_index"], data.fingerprint,
+                     "the tokenized data").keep
 
 
 # ---------------------------------------------------------------- 2. samples

@@ -29,7 +29,8 @@ from typing import Any, Literal
 import numpy as np
 
 from .io import TossError, read_json, write_json, write_text
-from .score import Scores, ScoreSettings, floor_share, load_scores, score
+from .layout import Scores, floor_share, load_scores
+from .score import ScoreSettings, score
 from .train import TrainSettings
 
 

@@ -7,23 +7,10 @@ tokens < j. High S: the safety-degraded model predicts the token much better
 than the utility model, so the token is risky. Prompt, system and template
 tokens are never scored.
 
-Output file (`scores.safetensors`, format_version 1), one flat layout shared
-with `mask.safetensors` and `TokenizedData.flat()`:
-
-    offsets        int64   [N+1]  sample i's tokens are offsets[i]:offsets[i+1]
-    row_index      int64   [N]    0-based row of the source file (JSONL: line - 1)
-    token_ids      int32   [T]    the tokens the models read
-    response_mask  uint8   [T]    1 = a scored response token (a sample's first
-                                  token is never scored: nothing predicts it)
-    loss_utility   float32 [T]    cross-entropy (nats) under base + utility adapter
-    loss_safety    float32 [T]    cross-entropy (nats) under base + safety adapter
-    score          float32 [T]    loss_utility - loss_safety
-
-All three float arrays are 0 where response_mask is 0. String metadata:
-dataset_sha256, tokenizer_sha256, template, max_seq_len (the data
-fingerprint, copied from `TokenizedData.fingerprint`), model,
-utility_adapter_sha256, safety_adapter_sha256 (`toss_mlx.cache.adapter_fingerprint`),
-format_version, and scored_tokens. Read it back with `load_scores`.
+Output file: `scores.safetensors`, the flat layout described in README.md ("Files"),
+read and checked by `toss_mlx.layout.load_scores`. Beyond the README's metadata it
+records `scored_tokens`, and `score_path` (the compute path of `toss_mlx.token_loss`
+and why it was chosen). A sample's first token is never scored: nothing predicts it.
 
 How it runs:
 1. The base model is loaded once. Both adapters go onto the same LoRA layers:
@@ -47,11 +34,10 @@ How it runs:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,47 +48,11 @@ import numpy as np
 from .cache import adapter_fingerprint
 from .data import TokenizedData
 from .io import TossError, load_arrays, save_arrays, sha256_bytes
+from .layout import FINGERPRINT_KEYS, FORMAT_VERSION, Scores
 from .models.lora import AdapterSet
 from .token_loss import padding_changes_positions, pick_path, response_losses
 
-FORMAT_VERSION = "1"
-ARRAYS = {  # name -> dtype of the scores file
-    "offsets": np.int64, "row_index": np.int64, "token_ids": np.int32, "response_mask": np.uint8,
-    "loss_utility": np.float32, "loss_safety": np.float32, "score": np.float32,
-}
-FINGERPRINT_KEYS = ("dataset_sha256", "tokenizer_sha256", "template", "max_seq_len")
-META_KEYS = FINGERPRINT_KEYS + ("model", "utility_adapter_sha256", "safety_adapter_sha256",
-                                "format_version")
 DEFAULT_BATCH_TOKENS = 4096
-
-
-@dataclass
-class Scores:
-    """A scores file in memory: the flat arrays (see the module docstring) + string metadata."""
-
-    offsets: np.ndarray
-    row_index: np.ndarray
-    token_ids: np.ndarray
-    response_mask: np.ndarray
-    loss_utility: np.ndarray
-    loss_safety: np.ndarray
-    score: np.ndarray
-    meta: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def samples(self) -> int:
-        return len(self.row_index)
-
-    @property
-    def scored_tokens(self) -> int:
-        return int(self.response_mask.sum())
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in ARRAYS}
-
-    def sample_ids(self) -> np.ndarray:
-        """int64 [T]: the sample each token belongs to."""
-        return np.repeat(np.arange(self.samples), np.diff(self.offsets))
 
 
 # ---------------------------------------------------------------- batches
@@ -467,38 +417,6 @@ def score(s: ScoreSettings, model: nn.Module | None = None, tokenizer=None) -> S
                          skip_bad_rows=s.skip_bad_rows, quiet=s.quiet, flush_seconds=s.flush_seconds)
 
 
-# ---------------------------------------------------------------- reading
-
-
-def load_scores(path: str | os.PathLike) -> Scores:
-    """Read and check a scores file: every array present with its dtype and consistent shapes."""
-    arrays, meta = load_arrays(path, "scores file")
-    missing = [k for k in ARRAYS if k not in arrays]
-    if missing:
-        raise TossError(f"{path}: not a scores file (missing arrays: {', '.join(missing)})")
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise TossError(f"{path}: scores file without metadata {', '.join(missing)}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise TossError(f"{path}: scores format_version {meta['format_version']}, "
-                        f"this toss-mlx reads {FORMAT_VERSION}")
-    for k, dt in ARRAYS.items():
-        if arrays[k].dtype != dt or arrays[k].ndim != 1:
-            raise TossError(f"{path}: array {k} is {arrays[k].dtype} {arrays[k].shape}, expected 1-D {np.dtype(dt)}")
-    offsets = arrays["offsets"]
-    T = len(arrays["token_ids"])
-    bad = (len(offsets) != len(arrays["row_index"]) + 1 or offsets[0] != 0 or offsets[-1] != T
-           or np.any(np.diff(offsets) < 0)
-           or any(len(arrays[k]) != T for k in ("response_mask", "loss_utility", "loss_safety", "score")))
-    if bad:
-        raise TossError(f"{path}: corrupt scores file (offsets and array lengths disagree)")
-    scored = arrays["response_mask"].astype(bool)
-    for k in ("loss_utility", "loss_safety", "score"):
-        if not np.all(np.isfinite(arrays[k][scored])):
-            raise TossError(f"{path}: {k} has NaN or infinite values on response tokens")
-    return Scores(**{k: arrays[k] for k in ARRAYS}, meta=meta)
-
-
 def summary(scores: Scores) -> str:
     """One line about a scores file, for the end of `toss-mlx score`."""
     s = scores.score[scores.response_mask.astype(bool)]
@@ -509,10 +427,3 @@ def summary(scores: Scores) -> str:
             f"score mean {s.mean():.3f}, median {q[0]:.3f}, p90 {q[1]:.3f}, p99 {q[2]:.3f}, "
             f"max {s.max():.3f}; mean loss utility {scores.loss_utility[scores.response_mask == 1].mean():.3f}, "
             f"safety {scores.loss_safety[scores.response_mask == 1].mean():.3f}")
-
-
-def floor_share(ratio: float, total: int) -> int:
-    """floor(ratio x total) in decimal arithmetic (0.29 x 100 = 29, not 28.999...)."""
-    from fractions import Fraction
-
-    return math.floor(Fraction(repr(float(ratio))) * total)

@@ -47,7 +47,7 @@ from .batches import (
     BatchPlan,
     KeepDataset,
     iterate_batches,
-    load_mask,
+    keep_of_mask,
     masked_eval_loss,
     masked_loss,
     steps_per_epoch,
@@ -58,7 +58,7 @@ from .io import TossError, read_json, sha256_file, write_json, write_text
 from .models.load import load_model
 from .models.lora import LoraSettings, adapter_weights, add_lora, save_adapter, save_mx_arrays
 
-__all__ = ["TrainSettings", "TrainResult", "train", "load_settings", "load_mask"]
+__all__ = ["TrainSettings", "TrainResult", "train", "load_settings", "keep_of_mask"]
 
 STATE_FILE = "trainer_state.safetensors"
 # Settings that change what a run computes; --resume refuses a run started with others.
@@ -568,7 +568,7 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     model, tokenizer = load_model(s.model, dtype=s.dtype, quiet=s.quiet or rank > 0)
     data = tokenize_dataset(s.data, tokenizer, s.template, s.max_seq_len, s.format, s.skip_bad_rows)
     say(data.summary())
-    train_set = KeepDataset.build(data, load_mask(s.mask, data) if s.mask else None)
+    train_set = KeepDataset.build(data, keep_of_mask(s.mask, data) if s.mask else None)
     valid_set = valid = None
     if s.valid:
         valid = tokenize_dataset(s.valid, tokenizer, s.template, s.max_seq_len, s.format,
