@@ -50,6 +50,7 @@ from .data import TokenizedData
 from .io import TossError, load_arrays, save_arrays, sha256_bytes
 from .layout import FINGERPRINT_KEYS, FORMAT_VERSION, Scores
 from .models.lora import AdapterSet
+from .progress import Progress
 from .token_loss import padding_changes_positions, pick_path, response_losses
 
 DEFAULT_BATCH_TOKENS = 4096
@@ -194,58 +195,6 @@ class ShardStore:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# ---------------------------------------------------------------- progress
-
-
-class _Progress:
-    """A rich progress bar (rows, scored tokens/s, peak memory, ETA), or nothing in quiet mode.
-
-    The bar advances by padded tokens, the work a batch costs, so the ETA holds
-    although the longest samples come first.
-    """
-
-    def __init__(self, enabled: bool, batches: list[Batch], done: set[int]):
-        self.bar = None
-        self.start = time.perf_counter()
-        self.tokens = 0
-        self.rows = sum(len(b.samples) for b in batches if b.index in done)
-        self.total_rows = sum(len(b.samples) for b in batches)
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("[bold]scoring"), BarColumn(), TextColumn("{task.fields[rows]} rows"),
-            TextColumn("{task.fields[speed]} tok/s"), TextColumn("{task.fields[memory]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        )
-        self.bar.start()
-        self.task = self.bar.add_task(
-            "score", total=sum(len(b.samples) * b.length for b in batches),
-            completed=sum(len(b.samples) * b.length for b in batches if b.index in done),
-            rows=f"{self.rows}/{self.total_rows}", speed="-", memory="")
-
-    def advance(self, batch: Batch, tokens: int) -> None:
-        self.tokens += tokens
-        self.rows += len(batch.samples)
-        if self.bar is None:
-            return
-        speed = self.tokens / max(1e-9, time.perf_counter() - self.start)
-        self.bar.update(self.task, advance=len(batch.samples) * batch.length,
-                        rows=f"{self.rows}/{self.total_rows}", speed=f"{speed:,.0f}",
-                        memory=f"{mx.get_peak_memory() / 2**30:.1f} GB peak")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 # ---------------------------------------------------------------- scoring
 
 
@@ -311,7 +260,14 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
             todo.append(b)
 
     switch = AdapterSet(model, [utility, safety])
-    bar = _Progress(progress and rank == 0, mine, set(done))
+    # The bar advances by padded tokens, the work a batch costs, so the ETA holds
+    # although the longest samples come first.
+    bar = Progress(progress and rank == 0).start()
+    rows_done = sum(len(b.samples) for b in mine if b.index in done)
+    total_rows = sum(len(b.samples) for b in mine)
+    task = bar.task("scoring", total=sum(len(b.samples) * b.length for b in mine),
+                    completed=sum(len(b.samples) * b.length for b in mine if b.index in done),
+                    rows=f"{rows_done}/{total_rows}")
     try:
         last_flush = time.perf_counter()
         chosen = path
@@ -328,7 +284,9 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
             if time.perf_counter() - last_flush >= flush_seconds:
                 store.flush()
                 last_flush = time.perf_counter()
-            bar.advance(b, len(positions))
+            rows_done += len(b.samples)
+            task.advance(len(b.samples) * b.length, tokens=len(positions),
+                         rows=f"{rows_done}/{total_rows}")
         store.flush()
     finally:
         bar.close()

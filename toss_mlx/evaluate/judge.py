@@ -9,6 +9,7 @@ from typing import Any
 import mlx.nn as nn
 
 from ..cache import KeyedStore, cache_key
+from ..progress import Progress
 from .generation import generate_answers
 from .prompts import EvalSettings, prompt_ids
 
@@ -52,7 +53,8 @@ def judge_messages(request: str, answer: str) -> list[dict[str, str]]:
 
 
 
-def judge_models(s: EvalSettings, models: list[dict[str, Any]], parts: KeyedStore, progress,
+def judge_models(s: EvalSettings, models: list[dict[str, Any]], parts: KeyedStore,
+                 progress: Progress,
                  base: tuple[nn.Module, Any] | None, quiet: bool) -> None:
     """Rate every harmful answer of every model in place (`judge_output`, `judge_score`)."""
     from ..data import tokenizer_sha256
@@ -69,7 +71,7 @@ def judge_models(s: EvalSettings, models: list[dict[str, Any]], parts: KeyedStor
         if outputs is None:
             ids = [prompt_ids(judge_messages(r["prompt"], r["answer"]), judge_tok, template)
                    for r in harmful]
-            step = progress.task(f"judge {entry['name']}", len(ids))
+            step = progress.counter(f"judge {entry['name']}", len(ids), "judged")
             outputs = [g.text for g in generate_answers(judge_model, judge_tok, ids, s.judge_max_tokens,
                                                         batch_size=s.batch_size, on_step=step)]
             parts.save(f"judge-{entry['name']}", key, outputs)

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import mlx.core as mx
 from ..cache import KeyedStore, cache_key
 from ..io import TossError, sha256_file, write_json
 from ..models.lora import AdapterSet
+from ..progress import Progress
 from ..refusal import REFUSAL_PHRASES, START_WINDOW, final_answer
 from .generation import Generation, cut_at_next_turn, decoding, generate_answers
 from .judge import JUDGE_RUBRIC, judge_models
@@ -51,48 +50,6 @@ from .prompts import (
 FORMAT_VERSION = 1
 
 
-class _Progress:
-    """A rich progress bar over prompts, with tokens/s and peak memory; silent when quiet."""
-
-    def __init__(self, quiet: bool):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                            TimeRemainingColumn(), disable=quiet)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def task(self, description: str, total: int) -> Callable[[int, int], None]:
-        task = self.bar.add_task(description, total=total, stats="")
-        start, tokens = time.perf_counter(), 0
-
-        def step(new_tokens: int, finished: int) -> None:
-            nonlocal tokens
-            tokens += new_tokens
-            rate_ = tokens / max(time.perf_counter() - start, 1e-9)
-            peak = mx.get_peak_memory() / 2**30
-            self.bar.update(task, advance=finished, stats=f"{rate_:.0f} tok/s, peak {peak:.2f} GB")
-
-        return step
-
-    def log(self, message: str) -> None:
-        if not self.bar.disable:
-            self.bar.console.print(message)
-
-
 def _settings_key(s: EvalSettings) -> dict[str, Any]:
     """The settings that decide a (model, prompt set)'s answers (not which models, not the judge)."""
     return {k: v for k, v in asdict(s).items()
@@ -108,12 +65,12 @@ def part_key(s: EvalSettings, tokenizer_sha: str, adapter: str | None, prompts: 
                       "set": set_name, "eval_format": FORMAT_VERSION})
 
 
-def _answer_set(model, tokenizer, prompts: list[Prompt], s: EvalSettings, progress: _Progress,
+def _answer_set(model, tokenizer, prompts: list[Prompt], s: EvalSettings, progress: Progress,
                 label: str) -> list[Generation]:
     sampler, processors = decoding(s)
     mx.random.seed(s.seed)  # every model draws from the same random stream
     ids = [prompt_ids(p.messages, tokenizer, s.template) for p in prompts]
-    step = progress.task(label, len(ids))
+    step = progress.counter(label, len(ids), "answered")
     answers = generate_answers(model, tokenizer, ids, s.max_new_tokens, sampler, processors,
                                s.batch_size, step)
     for a in answers:
@@ -122,7 +79,7 @@ def _answer_set(model, tokenizer, prompts: list[Prompt], s: EvalSettings, progre
 
 
 def _evaluate_set(model, tokenizer, set_name: str, prompts: list[Prompt], s: EvalSettings,
-                  progress: _Progress, label: str) -> list[dict[str, Any]]:
+                  progress: Progress, label: str) -> list[dict[str, Any]]:
     records = [{"row": p.row, "prompt": p.text} for p in prompts]
     if set_name == "benign":
         with_reference = [i for i, p in enumerate(prompts) if p.reference]
@@ -174,7 +131,7 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
     tokenizer_sha = tokenizer_sha256(tokenizer)
     parts = KeyedStore(out.with_name(out.name + ".parts"))
     models = []
-    with _Progress(quiet) as progress:
+    with Progress(not quiet) as progress:
         for i, (name, folder) in enumerate(entries):
             adapter_sha = adapters.fingerprint(i)
             records = {}
