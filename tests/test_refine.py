@@ -106,6 +106,11 @@ def test_refine_rounds_grow_the_harmful_set_and_resume(refine_inputs, tiny_model
     summary = json.loads((out / "rounds.json").read_text())
     assert [r["harmful_size"] for r in summary["rounds"]] == [7, 10]
     assert (out / "final" / "scores.safetensors").exists()
+    # Later scorings computed only the safety side: loss_utility is round 1's, bit for bit.
+    for later in ("round-2", "final"):
+        scores = load_scores(out / later / "scores.safetensors")
+        np.testing.assert_array_equal(scores.loss_utility, r1.loss_utility)
+        assert scores.meta["utility_losses_from"] == str(out / "round-1" / "scores.safetensors")
     # Rerun: nothing is redone, the same result comes back.
     before = (out / "round-2" / "adapter" / "adapters.safetensors").stat().st_mtime_ns
     again = refine(s)

@@ -15,7 +15,7 @@ import pytest
 from adapters import make_adapter
 
 from toss_mlx.layout import load_scores
-from toss_mlx.score import plan_batches, score_dataset
+from toss_mlx.score import ScoreSettings, plan_batches, score
 
 ROWS = [{"prompt": f"Question {i}: name {i} things.",
          "completion": " ".join(["thing"] * (1 + 3 * (i % 5))) + "."} for i in range(10)]
@@ -34,7 +34,8 @@ WORKER = textwrap.dedent("""
         return real(*args, **kwargs)
 
     score_mod.response_losses = counted
-    scores = score_mod.score_dataset(model, utility, safety, data, out, batch_tokens=40, quiet=True)
+    scores = score_mod.score(score_mod.ScoreSettings(model=model, utility=utility, safety=safety,
+                                                     data=data, out=out, batch_tokens=40, quiet=True))
     import mlx.core as mx
     group = mx.distributed.init()
     with open(f"{log}.{group.rank()}", "w") as f:
@@ -76,8 +77,9 @@ def test_two_ranks_share_batches_and_write_one_file(tmp_path, tiny_model_dir, to
     assert not (tmp_path / "two.safetensors.partial").exists()
 
     model, tok = load_model(str(tiny_model_dir), quiet=True)
-    one = score_dataset(model, utility, safety, data, tmp_path / "one.safetensors", tokenizer=tok,
-                        batch_tokens=40, model_name=str(tiny_model_dir), quiet=True)
+    one = score(ScoreSettings(model=str(tiny_model_dir), utility=str(utility), safety=str(safety),
+                              data=str(data), out=str(tmp_path / "one.safetensors"), batch_tokens=40,
+                              quiet=True), model=model, tokenizer=tok)
     two = load_scores(out)
     for k, v in one.arrays().items():
         np.testing.assert_allclose(getattr(two, k), v, atol=1e-6, rtol=0, err_msg=k)

@@ -195,10 +195,39 @@ class ShardStore:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class ScoreSettings:
+    """Everything scoring takes: the one way options reach `score` and `score_tokens`.
+
+    `reuse_utility`: the path of an earlier scores file of the same data, tokenizer,
+    template, max length, model and utility adapter (TOSS-Pro's rounds: the utility
+    model never changes). Its `loss_utility` is copied and only the safety side is
+    computed; a file made from other inputs is refused.
+    """
+
+    model: str = ""
+    utility: str = ""
+    safety: str = ""
+    data: str = ""
+    out: str = "scores.safetensors"
+    template: str = "chat"
+    max_seq_len: int = 2048
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    fmt: str = "auto"
+    skip_bad_rows: bool = False
+    quiet: bool = False
+    flush_seconds: float = 30.0
+    reuse_utility: str | None = None
+
+
 # ---------------------------------------------------------------- scoring
 
 
-def _distributed_group(group):
+def distributed_group(group=None):
+    """The group of ranks under `mlx.launch` (or `group` itself), None for one process."""
     if group is not None:
         return group
     try:
@@ -208,42 +237,70 @@ def _distributed_group(group):
 
 
 def run_key(fingerprint: dict[str, Any], model: str, utility_sha: str, safety_sha: str,
-            batch_tokens: int, samples: int) -> str:
+            batch_tokens: int, samples: int, reused: str | None = None) -> str:
     return sha256_bytes(json.dumps({
         "format_version": FORMAT_VERSION, "fingerprint": {k: str(fingerprint.get(k)) for k in FINGERPRINT_KEYS},
         "model": model, "utility": utility_sha, "safety": safety_sha, "batch_tokens": int(batch_tokens),
-        "samples": int(samples)}, sort_keys=True))
+        "samples": int(samples), "reused_utility": reused}, sort_keys=True))
 
 
-def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLike,
-                 safety: str | os.PathLike, *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 model_name: str = "", work_dir: str | os.PathLike | None = None,
-                 flush_seconds: float = 30.0, progress: bool = False, group=None,
+def reusable_utility(path: str | os.PathLike, data: TokenizedData, model: str, utility_sha: str,
+                     mask: np.ndarray) -> Scores:
+    """An earlier scores file whose loss_utility holds for this data, model and utility adapter.
+
+    Its fingerprint (dataset, tokenizer, template, max length, model, utility adapter,
+    format version) and its tokens must be this run's; anything else is a clear error.
+    """
+    from .layout import load_scores
+
+    earlier = load_scores(path)
+    want = {**{k: str(data.fingerprint[k]) for k in FINGERPRINT_KEYS}, "model": model,
+            "utility_adapter_sha256": utility_sha, "format_version": FORMAT_VERSION}
+    problems = [f"{k}: it has {str(earlier.meta.get(k))[:16]}, this run {v[:16]}"
+                for k, v in want.items() if earlier.meta.get(k) != v]
+    flat = data.flat()
+    if not problems and not (np.array_equal(earlier.offsets, flat["offsets"])
+                             and np.array_equal(earlier.token_ids, flat["token_ids"])
+                             and np.array_equal(earlier.response_mask.astype(bool), mask)):
+        problems.append("its tokens differ from this run's")
+    if problems:
+        raise TossError(f"{path}: cannot reuse its loss_utility, it was made from other inputs:\n  "
+                        + "\n  ".join(problems))
+    return earlier
+
+
+def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
+                 work_dir: str | os.PathLike | None = None, group=None,
                  path: str | None = None) -> Scores:
-    """Score every response token of `data` with a loaded base model and two adapter folders.
+    """Score every response token of `data` with a loaded base model and the adapters of `s`.
 
     `model` is the bare base model (LoRA layers already on it are removed
     first and again at the end, so it comes back bare). `work_dir` enables
-    resuming: finished batches are flushed there every `flush_seconds` and
+    resuming: finished batches are flushed there every `s.flush_seconds` and
     loaded on the next call with the same inputs. Under `mlx.launch` the
     batches are shared among the ranks of `group` (default: the launched
     group) and every rank returns the full result. `path` forces a compute
     path of `toss_mlx.token_loss` (tests); by default the fastest that
-    matches the model's own logits is taken.
+    matches the model's own logits is taken (printed unless quiet, and recorded
+    in the metadata as `score_path` and `score_path_reason`).
     """
-    group = _distributed_group(group)
+    group = distributed_group(group)
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    say = print if not s.quiet and rank == 0 else (lambda *a: None)
     flat = data.flat()
     mask = scored_mask(flat)
     lengths = input_lengths(flat, mask)
-    hashes = adapter_fingerprint(utility), adapter_fingerprint(safety)
-    key = run_key(data.fingerprint, model_name, *hashes, batch_tokens, len(lengths))
+    hashes = adapter_fingerprint(s.utility), adapter_fingerprint(s.safety)
+    reused = reusable_utility(s.reuse_utility, data, s.model, hashes[0], mask) \
+        if s.reuse_utility else None
+    key = run_key(data.fingerprint, s.model, *hashes, s.batch_tokens, len(lengths),
+                  reused.meta.get("safety_adapter_sha256") if reused is not None else None)
     full = np.where(lengths > 0, np.diff(flat["offsets"]), 0)
     same_length = bool(lengths.any()) and padding_changes_positions(
         model, int(lengths[lengths > 0].min()), int(full.max()))
     if same_length:  # positions depend on the length: whole samples, never padded
         lengths = full
-    batches = plan_batches(lengths, batch_tokens, same_length)
+    batches = plan_batches(lengths, s.batch_tokens, same_length)
     mine = [b for b in batches if b.index % size == rank]
 
     store = ShardStore(Path(work_dir) if work_dir is not None else None, key, rank)
@@ -259,10 +316,22 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
         else:
             todo.append(b)
 
-    switch = AdapterSet(model, [utility, safety])
+    # Adapter 0 = utility, 1 = safety; with reused utility losses only the safety adapter runs.
+    switch = AdapterSet(model, [s.utility, s.safety])
+    sides = (1,) if reused is not None else (0, 1)
+    if path is not None:
+        chosen, reason = path, "forced by the caller"
+    elif lengths.any():  # probed on the bare base, so that every run of this model agrees
+        chosen, reason = pick_path(model, [flat["token_ids"][flat["offsets"][b.samples[0]]:
+                                                             flat["offsets"][b.samples[0] + 1]]
+                                           for b in batches[:2]])
+    else:
+        chosen, reason = "none", "nothing to score"
+    say(f"scoring path: {chosen} ({reason})" + ("; utility losses reused from "
+                                                 f"{s.reuse_utility}" if reused is not None else ""))
     # The bar advances by padded tokens, the work a batch costs, so the ETA holds
     # although the longest samples come first.
-    bar = Progress(progress and rank == 0).start()
+    bar = Progress(not s.quiet and rank == 0).start()
     rows_done = sum(len(b.samples) for b in mine if b.index in done)
     total_rows = sum(len(b.samples) for b in mine)
     task = bar.task("scoring", total=sum(len(b.samples) * b.length for b in mine),
@@ -270,22 +339,20 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
                     rows=f"{rows_done}/{total_rows}")
     try:
         last_flush = time.perf_counter()
-        chosen = path
         for k, b in enumerate(todo):
             inputs, rows, targets, positions = batch_arrays(flat, mask, b)
-            losses = [None, None]
-            for i in ((0, 1) if k % 2 == 0 else (1, 0)):  # one adapter switch per batch
+            for i in (sides if k % 2 == 0 else sides[::-1]):  # one adapter switch per batch
                 switch.use(i)
-                if chosen is None:
-                    chosen = pick_path(model, inputs[0])
-                losses[i] = response_losses(model, inputs, rows, targets, chosen)
-            loss_u[positions], loss_h[positions] = losses
-            store.add(b.index, positions, *losses)
-            if time.perf_counter() - last_flush >= flush_seconds:
+                losses = response_losses(model, inputs, rows, targets, chosen)
+                (loss_u if i == 0 else loss_h)[positions] = losses
+            if reused is not None:
+                loss_u[positions] = reused.loss_utility[positions]
+            store.add(b.index, positions, loss_u[positions], loss_h[positions])
+            if time.perf_counter() - last_flush >= s.flush_seconds:
                 store.flush()
                 last_flush = time.perf_counter()
             rows_done += len(b.samples)
-            task.advance(len(b.samples) * b.length, tokens=len(positions),
+            task.advance(len(b.samples) * b.length, tokens=len(positions) * len(sides),
                          rows=f"{rows_done}/{total_rows}")
         store.flush()
     finally:
@@ -297,82 +364,51 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
         loss_u = np.array(mx.distributed.all_sum(mx.array(loss_u), group=group, stream=mx.cpu))
         loss_h = np.array(mx.distributed.all_sum(mx.array(loss_h), group=group, stream=mx.cpu))
 
-    meta = {**{k: str(data.fingerprint[k]) for k in FINGERPRINT_KEYS}, "model": model_name,
+    meta = {**{k: str(data.fingerprint[k]) for k in FINGERPRINT_KEYS}, "model": s.model,
             "utility_adapter_sha256": hashes[0], "safety_adapter_sha256": hashes[1],
-            "format_version": FORMAT_VERSION, "scored_tokens": str(int(mask.sum()))}
+            "format_version": FORMAT_VERSION, "scored_tokens": str(int(mask.sum())),
+            "score_path": chosen, "score_path_reason": reason}
+    if reused is not None:
+        meta["utility_losses_from"] = str(s.reuse_utility)
     score = np.where(mask, loss_u - loss_h, 0).astype(np.float32)
     return Scores(flat["offsets"], flat["row_index"], flat["token_ids"], mask.astype(np.uint8),
                   loss_u, loss_h, score, meta)
 
 
-def score_dataset(model: str | nn.Module, utility: str | os.PathLike, safety: str | os.PathLike,
-                  data: str | os.PathLike | TokenizedData, out: str | os.PathLike, *,
-                  tokenizer=None, template: str = "chat", max_seq_len: int = 2048,
-                  batch_tokens: int = DEFAULT_BATCH_TOKENS, model_name: str | None = None,
-                  fmt: str = "auto", skip_bad_rows: bool = False, quiet: bool = False,
-                  flush_seconds: float = 30.0, group=None) -> Scores:
-    """Load (or take) the base model, tokenize the data, score it and write `out` atomically.
+def score(s: ScoreSettings, model: nn.Module | None = None, tokenizer=None,
+          data: TokenizedData | None = None, group=None) -> Scores:
+    """Load (or take) the base model, tokenize `s.data`, score it and write `s.out` atomically.
 
-    `model` is a model spec (registry name, folder, hub id) or an already loaded
-    model (then pass `tokenizer` too, unless `data` is already tokenized).
-    Partial results live in `<out>.partial/` until the run finishes; rerunning
-    the same command after a kill resumes from them.
+    Pass a loaded `model` with its `tokenizer` (or the already tokenized `data`) to
+    reuse them. Partial results live in `<out>.partial/` until the run finishes;
+    rerunning the same settings after a kill resumes from them.
     """
     from .data import tokenize_dataset
 
-    for p in (utility, safety):
+    for p in (s.utility, s.safety):
         adapter_fingerprint(p)  # a clear error before the model loads if either is no adapter
-    if isinstance(model, str):
+    if model is None:
         from .models.load import load_model
 
-        model_name = model_name or model
-        model, tokenizer = load_model(model, quiet=quiet)
-    if not isinstance(data, TokenizedData):
+        model, tokenizer = load_model(s.model, quiet=s.quiet)
+    if data is None:
         if tokenizer is None:
-            raise TossError("score_dataset: pass the tokenizer with an already loaded model")
-        data = tokenize_dataset(data, tokenizer, template=template, max_seq_len=max_seq_len,
-                                fmt=fmt, skip_bad_rows=skip_bad_rows)
-    group = _distributed_group(group)
+            raise TossError("score: pass the tokenizer with an already loaded model")
+        data = tokenize_dataset(s.data, tokenizer, template=s.template, max_seq_len=s.max_seq_len,
+                                fmt=s.fmt, skip_bad_rows=s.skip_bad_rows)
+    group = distributed_group(group)
     rank = group.rank() if group is not None else 0
-    out = Path(out)
+    out = Path(s.out)
     work = out.with_name(out.name + ".partial")
-    if not quiet and rank == 0:
+    if not s.quiet and rank == 0:
         print(data.summary())
-    scores = score_tokens(model, data, utility, safety, batch_tokens=batch_tokens,
-                          model_name=model_name or "", work_dir=work, flush_seconds=flush_seconds,
-                          progress=not quiet, group=group)
+    scores = score_tokens(model, data, s, work_dir=work, group=group)
     if rank == 0:
         save_arrays(out, scores.arrays(), scores.meta)
         ShardStore(work, "", 0).remove()
     if group is not None and group.size() > 1:  # nobody returns before the file exists
         mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group, stream=mx.cpu))
     return scores
-
-
-@dataclass
-class ScoreSettings:
-    """Everything `toss-mlx score` takes (the CLI, the pipeline and TOSS-Pro build one of these)."""
-
-    model: str
-    utility: str
-    safety: str
-    data: str
-    out: str = "scores.safetensors"
-    template: str = "chat"
-    max_seq_len: int = 2048
-    batch_tokens: int = DEFAULT_BATCH_TOKENS
-    fmt: str = "auto"
-    skip_bad_rows: bool = False
-    quiet: bool = False
-    flush_seconds: float = 30.0
-
-
-def score(s: ScoreSettings, model: nn.Module | None = None, tokenizer=None) -> Scores:
-    """Run `score_dataset` from settings; pass a loaded `model` and `tokenizer` to reuse them."""
-    return score_dataset(model if model is not None else s.model, s.utility, s.safety, s.data, s.out,
-                         tokenizer=tokenizer, template=s.template, max_seq_len=s.max_seq_len,
-                         batch_tokens=s.batch_tokens, model_name=s.model, fmt=s.fmt,
-                         skip_bad_rows=s.skip_bad_rows, quiet=s.quiet, flush_seconds=s.flush_seconds)
 
 
 def summary(scores: Scores) -> str:

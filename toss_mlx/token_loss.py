@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
@@ -261,32 +262,77 @@ def padding_changes_positions(model: nn.Module, short: int, long: int) -> bool:
     return not mx.allclose(rope(probe)[:, :, :short], rope(probe[:, :, :short]), atol=1e-6).item()
 
 
-def available_paths(model: nn.Module) -> list[str]:
-    """Paths worth trying for this model and device, fastest first."""
-    paths = []
+def available_paths(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(paths worth trying for this model and device, fastest first; why others were left out)."""
+    paths, skipped = [], []
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    if (on_cpu and sys.platform.startswith("linux") and os.environ.get("TOSS_MLX_CPU_FAST", "1") != "0"
-            and llama_like(model) and head(model) is not None):
+    has_head = head(model) is not None
+    if not on_cpu:
+        skipped.append("cpu-fast: not on a CPU")
+    elif not sys.platform.startswith("linux"):
+        skipped.append("cpu-fast: only on Linux")
+    elif os.environ.get("TOSS_MLX_CPU_FAST", "1") == "0":
+        skipped.append("cpu-fast: TOSS_MLX_CPU_FAST=0")
+    elif not llama_like(model):
+        skipped.append("cpu-fast: not llama-style blocks")
+    elif not has_head:
+        skipped.append("cpu-fast: no known vocabulary projection")
+    else:
         paths.append("cpu-fast")
-    if head(model) is not None and callable(getattr(model, "model", None)):
+    if has_head and callable(getattr(model, "model", None)):
         paths.append("body")
+    else:
+        skipped.append("body: no body + projection to call")
     paths.append("full")
-    return paths
+    return paths, skipped
 
 
-def pick_path(model: nn.Module, tokens: np.ndarray) -> str:
-    """The fastest path whose logits match model(tokens) on this model (one short input)."""
-    x = mx.array(np.asarray(tokens[:32], np.int32)[None])
+PROBE_LENGTH = 2 * ATTN_BLOCK + 8  # the probe crosses two query blocks of the causal attention
+
+
+def probe_batch(samples: Sequence[np.ndarray]) -> np.ndarray:
+    """int32 [2, PROBE_LENGTH]: two rows of real tokens, the second shorter and right-padded.
+
+    Rows are the given samples repeated up to their length, so that even short data
+    exercises more than one attention block and a padded row, as real batches do.
+    """
+    rows = [np.asarray(t, np.int32) for t in samples if len(t)] or [np.zeros(1, np.int32)]
+    first, second = rows[0], rows[1 % len(rows)]
+    out = np.zeros((2, PROBE_LENGTH), np.int32)
+    out[0] = np.resize(first, PROBE_LENGTH)
+    short = (2 * PROBE_LENGTH) // 3
+    out[1, :short] = np.resize(second[::-1], short)
+    return out
+
+
+def pick_path(model: nn.Module, samples: np.ndarray | Sequence[np.ndarray]) -> tuple[str, str]:
+    """(the fastest path whose logits match the model's own on a probe batch, why).
+
+    `samples`: one token array or a few; the probe is `probe_batch` of them (two rows,
+    one right-padded, two attention blocks long). A path is taken when its logits are
+    within a float32 (1e-4) or bfloat16 (3e-2) relative bound of `model(probe)`.
+    """
+    if isinstance(samples, np.ndarray) and samples.ndim == 1:
+        samples = [samples]
+    x = mx.array(probe_batch(list(samples)))
     ref = model(x).astype(mx.float32)
-    tol = 1e-4 if ref.dtype == mx.float32 and _param_dtype(model) == mx.float32 else 3e-2
+    tol = 1e-4 if _param_dtype(model) == mx.float32 else 3e-2
     bound = tol * (1.0 + mx.abs(ref).max().item())
-    for path in available_paths(model):
+    paths, notes = available_paths(model)
+    for path in paths:
         if path == "full":
-            return path
+            return path, "; ".join(notes + ["full: the model's own logits, one sample at a time"])
         logits = head(model)(hidden_states(model, x, path)).astype(mx.float32)
-        if logits.shape == ref.shape and mx.abs(logits - ref).max().item() <= bound:
-            return path
-    return "full"
+        if logits.shape != ref.shape:
+            notes.append(f"{path}: logits of shape {logits.shape}, the model's {ref.shape}")
+            continue
+        diff = mx.abs(logits - ref).max().item()
+        if diff <= bound:
+            return path, "; ".join(notes + [f"{path}: matches the model's logits on a padded "
+                                            f"probe of 2 x {x.shape[1]} tokens (max difference "
+                                            f"{diff:.2g}, bound {bound:.2g})"])
+        notes.append(f"{path}: differs from the model's logits by {diff:.2g} (bound {bound:.2g})")
+    return "full", "; ".join(notes)
 
 
 def _param_dtype(model: nn.Module) -> mx.Dtype:
