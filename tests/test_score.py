@@ -454,6 +454,21 @@ def test_cli_score_and_bad_adapter(tiny_model_dir, adapters, data_file, tmp_path
     assert "not an adapter folder" in result.output
     assert not (tmp_path / "t.safetensors").exists()
 
+    # settings layered like train's: YAML, then --set, then flags; nothing restated by the CLI
+    config = tmp_path / "score.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nutility: {adapters['utility']}\n"
+                      f"safety: {adapters['safety']}\nmax_seq_len: 96\nbatch_tokns: 1\n")
+    typo = CliRunner().invoke(app, ["score", "--config", str(config), "--data", str(data_file)])
+    assert typo.exit_code == 2 and "did you mean 'batch_tokens'" in typo.output
+    config.write_text(config.read_text().replace("batch_tokns: 1", "batch_tokens: 100"))
+    layered = tmp_path / "layered.safetensors"
+    result = CliRunner().invoke(app, ["score", "--config", str(config), "--data", str(data_file),
+                                      "--set", "batch_tokens=200", "--out", str(layered), "-q"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(load_scores(layered).score, load_scores(out).score)
+    missing = CliRunner().invoke(app, ["score", "--data", str(data_file)])
+    assert missing.exit_code == 2 and "--model and --utility and --safety required" in missing.output
+
 
 @pytest.mark.slow
 def test_real_model_matches_naive(smollm2_dir, data_file, tmp_path):
