@@ -310,8 +310,8 @@ def _render_chat(messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
         prefix = _apply(tokenizer, messages[:k], True) if k else ""
         if prefix and text.startswith(prefix) and text[len(prefix):].startswith(content):
             start = len(prefix)
-        else:  # templates that rewrite earlier turns: find the answer after the last one
-            start = text.find(content, cursor)
+        else:  # templates that rewrite earlier turns: find the answer after its own prompt
+            start = text.find(content, _after_prompt(text, cursor, messages[:k], tokenizer))
             if start < 0:
                 raise ValueError("the chat template changes the assistant text; use --template plain")
         end = start + len(content)
@@ -324,6 +324,24 @@ def _render_chat(messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
         spans.append((start, end))
         cursor = end
     return text, spans
+
+
+def _after_prompt(text: str, cursor: int, history: list[dict[str, str]], tokenizer) -> int:
+    """Where the answer after `history` can start in `text`: past the turn before it and the
+    generation prompt, so that a user turn quoting the answer is never taken for it."""
+    pos = cursor
+    if history and history[-1]["content"]:
+        found = text.find(history[-1]["content"], cursor)
+        if found >= 0:
+            pos = found + len(history[-1]["content"])
+    with_prompt, without = _apply(tokenizer, history, True), _apply(tokenizer, history, False)
+    if with_prompt.startswith(without) and (marker := with_prompt[len(without):].strip()):
+        found = text.find(marker, pos)
+        if found < 0:
+            raise ValueError("the chat template's generation prompt is not where the answer "
+                             "starts; use --template plain")
+        pos = found + len(marker)
+    return pos
 
 
 # ---------------------------------------------------------------- 4. tokens
