@@ -157,7 +157,7 @@ def test_without_writeable_views(base, adapters, data, reference, monkeypatch):
 
 
 @pytest.mark.parametrize("rope", [
-    {"rope_traditional": True},  # interleaved pairs: MLX's own RoPE, not the numpy tables
+    {"rope_traditional": True},  # interleaved pairs (traditional RoPE), run by MLX's own rope module
     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
     {"rope_scaling": {"type": "dynamic", "factor": 4.0}, "max_position_embeddings": 32},

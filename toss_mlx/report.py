@@ -25,8 +25,8 @@ scores' `tokenizer_sha256`.
 What comes out, top to bottom: a summary; the token heatmap (the riskiest
 samples by their highest token score, then a seeded random sample of the
 rest) where every response token is coloured by S (red: high = unsafe, blue:
-low), removed tokens are struck through, and hovering a token shows loss_u,
-loss_h and S; the score histogram with the selection threshold; removal rate
+low), removed tokens are struck through, and hovering a token shows its loss_utility
+(loss_u), loss_safety (loss_h) and S; the score histogram with the selection threshold; removal rate
 by position in the response (the paper's diagnosis: removal concentrates on
 the first tokens, but not only there); removal by data tag; the
 safety-utility chart and metrics table of the evaluations. No scripts, no

@@ -1,7 +1,7 @@
 """Token risk scores: S = loss_utility - loss_safety for every response token.
 
-For response token j of sample i, `loss_u` is its cross-entropy under the
-utility-oriented reference model (base + utility adapter) and `loss_h` under
+For response token j of sample i, `loss_utility` is its cross-entropy under the
+utility-oriented reference model (base + utility adapter) and `loss_safety` under
 the safety-degraded one (base + safety adapter), each predicting token j from
 tokens < j. High S: the safety-degraded model predicts the token much better
 than the utility model, so the token is risky. Prompt, system and template
@@ -9,8 +9,9 @@ tokens are never scored.
 
 Output file: `scores.safetensors`, the flat layout described in README.md ("Files"),
 read and checked by `toss_mlx.layout.load_scores`. Beyond the README's metadata it
-records `scored_tokens`, and `score_path` (the compute path of `toss_mlx.token_loss`
-and why it was chosen). A sample's first token is never scored: nothing predicts it.
+records `scored_tokens`, `score_path` and `score_path_reason` (the compute path of
+`toss_mlx.token_loss` and why it was chosen), and `utility_losses_from` when
+`ScoreSettings.reuse_utility` supplied loss_utility. A sample's first token is never scored: nothing predicts it.
 
 How it runs:
 1. The base model is loaded once. Both adapters go onto the same LoRA layers:
@@ -164,8 +165,8 @@ class ShardStore:
                                 arrays["loss_safety"][sl])
         return done
 
-    def add(self, batch: int, positions: np.ndarray, loss_u: np.ndarray, loss_h: np.ndarray) -> None:
-        self.pending.append((batch, positions, loss_u, loss_h))
+    def add(self, batch: int, positions: np.ndarray, loss_utility: np.ndarray, loss_safety: np.ndarray) -> None:
+        self.pending.append((batch, positions, loss_utility, loss_safety))
 
     def flush(self) -> None:
         if self.folder is None or not self.pending:
@@ -306,13 +307,13 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
     store = ShardStore(Path(work_dir) if work_dir is not None else None, key, rank)
     done = store.load()
     T = len(flat["token_ids"])
-    loss_u = np.zeros(T, np.float32)
-    loss_h = np.zeros(T, np.float32)
+    loss_utility = np.zeros(T, np.float32)
+    loss_safety = np.zeros(T, np.float32)
     todo = []
     for b in mine:
         if b.index in done:
             positions, lu, lh = done[b.index]
-            loss_u[positions], loss_h[positions] = lu, lh
+            loss_utility[positions], loss_safety[positions] = lu, lh
         else:
             todo.append(b)
 
@@ -344,10 +345,10 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
             for i in (sides if k % 2 == 0 else sides[::-1]):  # one adapter switch per batch
                 switch.use(i)
                 losses = response_losses(model, inputs, rows, targets, chosen)
-                (loss_u if i == 0 else loss_h)[positions] = losses
+                (loss_utility if i == 0 else loss_safety)[positions] = losses
             if reused is not None:
-                loss_u[positions] = reused.loss_utility[positions]
-            store.add(b.index, positions, loss_u[positions], loss_h[positions])
+                loss_utility[positions] = reused.loss_utility[positions]
+            store.add(b.index, positions, loss_utility[positions], loss_safety[positions])
             if time.perf_counter() - last_flush >= s.flush_seconds:
                 store.flush()
                 last_flush = time.perf_counter()
@@ -361,8 +362,8 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
         switch.close()
 
     if size > 1:
-        loss_u = np.array(mx.distributed.all_sum(mx.array(loss_u), group=group, stream=mx.cpu))
-        loss_h = np.array(mx.distributed.all_sum(mx.array(loss_h), group=group, stream=mx.cpu))
+        loss_utility = np.array(mx.distributed.all_sum(mx.array(loss_utility), group=group, stream=mx.cpu))
+        loss_safety = np.array(mx.distributed.all_sum(mx.array(loss_safety), group=group, stream=mx.cpu))
 
     meta = {**{k: str(data.fingerprint[k]) for k in FINGERPRINT_KEYS}, "model": s.model,
             "utility_adapter_sha256": hashes[0], "safety_adapter_sha256": hashes[1],
@@ -370,9 +371,9 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
             "score_path": chosen, "score_path_reason": reason}
     if reused is not None:
         meta["utility_losses_from"] = str(s.reuse_utility)
-    score = np.where(mask, loss_u - loss_h, 0).astype(np.float32)
+    score = np.where(mask, loss_utility - loss_safety, 0).astype(np.float32)
     return Scores(flat["offsets"], flat["row_index"], flat["token_ids"], mask.astype(np.uint8),
-                  loss_u, loss_h, score, meta)
+                  loss_utility, loss_safety, score, meta)
 
 
 def score(s: ScoreSettings, model: nn.Module | None = None, tokenizer=None,

@@ -5,10 +5,10 @@
 in it). Removed tokens stay in the input as context. Strategies:
 
 - `toss` (the paper): remove the floor(ratio x scored tokens) tokens with the
-  highest score S = loss_u - loss_h. `global` ranks over the whole data set
+  highest score S = loss_utility - loss_safety. `global` ranks over the whole data set
   (the paper's setting), `sample` removes the same share within each sample.
-- `safety-only` / `utility-only` (the paper's ablations): rank by -loss_h
-  alone / by loss_u alone, same counts.
+- `safety-only` / `utility-only` (the paper's ablations): rank by -loss_safety
+  alone / by loss_utility alone, same counts.
 - `random`: the same number of response tokens, uniformly at random (seeded).
 - `first-k`: the first k response tokens of every assistant turn, the
   fixed-position masking of the paper's diagnosis (`ratio` does not apply).
