@@ -13,7 +13,8 @@ from toss_mlx.cache import adapter_fingerprint
 from toss_mlx.data import tokenize_dataset
 from toss_mlx.io import TossError, load_arrays
 from toss_mlx.layout import FORMAT_VERSION, META_KEYS, Scores, load_scores
-from toss_mlx.score import ScoreSettings, plan_batches, score, score_tokens
+from toss_mlx.score import ScoreSettings, score, score_tokens
+from toss_mlx.token_loss import input_lengths, plan_batches, scored_mask
 
 
 def score_data(model, utility, safety, data, out, tokenizer=None, model_name="", **settings):
@@ -316,7 +317,7 @@ def test_a_toss_pro_round_reuses_the_utility_losses(base, adapters, data_file, t
     reused = score_data(model, adapters["utility"], adapters["dora"], data_file,
                         tmp_path / "round-2.safetensors",
                         reuse_utility=str(tmp_path / "round-1.safetensors"), **kw)
-    n_batches = len(plan_batches(__import__("toss_mlx.score", fromlist=["x"]).input_lengths(
+    n_batches = len(plan_batches(input_lengths(
         fresh.arrays(), fresh.response_mask.astype(bool)), 150))
     assert calls["n"] == n_batches  # one pass per batch, not two
     np.testing.assert_array_equal(reused.loss_utility, first.loss_utility)
@@ -356,7 +357,7 @@ def test_killed_run_resumes_without_recomputing(base, adapters, data_file, tmp_p
     out = tmp_path / "scores.safetensors"
     kw = dict(tokenizer=tokenizer, max_seq_len=96, batch_tokens=150, quiet=True, flush_seconds=0)
     batches = plan_batches(
-        __import__("toss_mlx.score", fromlist=["input_lengths"]).input_lengths(
+        input_lengths(
             *_flat_and_mask(data_file, tokenizer)), 150)
     assert len(batches) >= 4
 
@@ -382,8 +383,6 @@ def test_killed_run_resumes_without_recomputing(base, adapters, data_file, tmp_p
 
 
 def _flat_and_mask(data_file, tokenizer):
-    from toss_mlx.score import scored_mask
-
     flat = tokenize_dataset(data_file, tokenizer, max_seq_len=96).flat()
     return flat, scored_mask(flat)
 

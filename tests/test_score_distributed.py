@@ -15,7 +15,8 @@ import pytest
 from adapters import make_adapter
 
 from toss_mlx.layout import load_scores
-from toss_mlx.score import ScoreSettings, plan_batches, score
+from toss_mlx.score import ScoreSettings, score
+from toss_mlx.token_loss import plan_batches
 
 ROWS = [{"prompt": f"Question {i}: name {i} things.",
          "completion": " ".join(["thing"] * (1 + 3 * (i % 5))) + "."} for i in range(10)]
@@ -64,7 +65,7 @@ def test_two_ranks_share_batches_and_write_one_file(tmp_path, tiny_model_dir, to
 
     from toss_mlx.data import tokenize_dataset
     from toss_mlx.models.load import load_model
-    from toss_mlx.score import input_lengths, scored_mask
+    from toss_mlx.token_loss import input_lengths, scored_mask
 
     flat = tokenize_dataset(data, tokenizer).flat()
     n_batches = len(plan_batches(input_lengths(flat, scored_mask(flat)), 40))

@@ -52,80 +52,16 @@ from .io import TossError, load_arrays, save_arrays, sha256_bytes
 from .layout import FINGERPRINT_KEYS, FORMAT_VERSION, Scores
 from .models.lora import AdapterSet
 from .progress import Progress
-from .token_loss import padding_changes_positions, pick_path, response_losses
+from .token_loss import (
+    batch_arrays,
+    input_lengths,
+    pick_path,
+    plan_for,
+    response_losses,
+    scored_mask,
+)
 
 DEFAULT_BATCH_TOKENS = 4096
-
-
-# ---------------------------------------------------------------- batches
-
-
-@dataclass
-class Batch:
-    index: int
-    samples: np.ndarray  # sample ids, longest first
-    length: int  # padded input length
-
-
-def scored_mask(flat: dict[str, np.ndarray]) -> np.ndarray:
-    """bool [T]: response tokens that can be scored (not the first token of a sample)."""
-    mask = flat["response_mask"].astype(bool).copy()
-    starts = flat["offsets"][:-1]
-    mask[starts[starts < len(mask)]] = False
-    return mask
-
-
-def input_lengths(flat: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
-    """int64 [N]: tokens each sample must feed the model (up to its last scored token, exclusive)."""
-    offsets = flat["offsets"]
-    n = len(offsets) - 1
-    lengths = np.zeros(n, np.int64)
-    pos = np.nonzero(mask)[0]
-    if len(pos):
-        sample = np.searchsorted(offsets, pos, side="right") - 1
-        np.maximum.at(lengths, sample, pos - offsets[sample])
-    return lengths
-
-
-def plan_batches(lengths: np.ndarray, batch_tokens: int, same_length: bool = False) -> list[Batch]:
-    """Pack samples (longest first) into batches of at most `batch_tokens` padded tokens.
-
-    Deterministic for given lengths and budget, so a resumed run plans the
-    same batches. Samples with nothing to score (length 0) are left out; a
-    sample longer than the budget gets a batch of its own. `same_length`:
-    no padding at all, for models whose positions depend on the length.
-    """
-    if batch_tokens < 1:
-        raise TossError(f"batch_tokens must be at least 1, got {batch_tokens}")
-    order = [int(i) for i in np.lexsort((np.arange(len(lengths)), -lengths)) if lengths[i] > 0]
-    batches: list[Batch] = []
-    k = 0
-    while k < len(order):
-        longest = int(lengths[order[k]])
-        size = max(1, min(len(order) - k, batch_tokens // longest))
-        if same_length:
-            size = max(1, int(np.sum(lengths[order[k:k + size]] == longest)))
-        batches.append(Batch(len(batches), np.array(order[k:k + size], np.int64), longest))
-        k += size
-    return batches
-
-
-def batch_arrays(flat: dict[str, np.ndarray], mask: np.ndarray, batch: Batch
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(inputs [B, L] int32, rows [R], targets [R] int32, token positions [R] in the flat layout)."""
-    offsets, tokens = flat["offsets"], flat["token_ids"]
-    L = batch.length
-    inputs = np.zeros((len(batch.samples), L), np.int32)
-    rows, positions = [], []
-    for b, s in enumerate(batch.samples):
-        start, stop = int(offsets[s]), int(offsets[s + 1])
-        n = min(L, stop - start)
-        inputs[b, :n] = tokens[start:start + n]
-        j = np.nonzero(mask[start:stop])[0]  # j >= 1, j <= L
-        rows.append(b * L + j - 1)
-        positions.append(start + j)
-    positions = np.concatenate(positions).astype(np.int64)
-    return inputs, np.concatenate(rows).astype(np.int64), tokens[positions].astype(np.int32), positions
 
 
 # ---------------------------------------------------------------- resume shards
@@ -296,12 +232,7 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
         if s.reuse_utility else None
     key = run_key(data.fingerprint, s.model, *hashes, s.batch_tokens, len(lengths),
                   reused.meta.get("safety_adapter_sha256") if reused is not None else None)
-    full = np.where(lengths > 0, np.diff(flat["offsets"]), 0)
-    same_length = bool(lengths.any()) and padding_changes_positions(
-        model, int(lengths[lengths > 0].min()), int(full.max()))
-    if same_length:  # positions depend on the length: whole samples, never padded
-        lengths = full
-    batches = plan_batches(lengths, s.batch_tokens, same_length)
+    batches = plan_for(model, flat, mask, s.batch_tokens)
     mine = [b for b in batches if b.index % size == rank]
 
     store = ShardStore(Path(work_dir) if work_dir is not None else None, key, rank)

@@ -32,10 +32,13 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .io import TossError
 
 PATHS = ("cpu-fast", "body", "full")
 HEAD_CHUNK_BYTES = 256 << 20  # logits per chunk of rows: bounded memory for any vocabulary
@@ -339,6 +342,113 @@ def _param_dtype(model: nn.Module) -> mx.Dtype:
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     w = getattr(emb, "weight", None)
     return w.dtype if w is not None else mx.float32
+
+
+# ---------------------------------------------------------------- batches of chosen positions
+
+
+@dataclass
+class Batch:
+    index: int
+    samples: np.ndarray  # sample ids, longest first
+    length: int  # padded input length
+
+
+def scored_mask(flat: dict[str, np.ndarray]) -> np.ndarray:
+    """bool [T]: response tokens that can be scored (not the first token of a sample)."""
+    mask = flat["response_mask"].astype(bool).copy()
+    starts = flat["offsets"][:-1]
+    mask[starts[starts < len(mask)]] = False
+    return mask
+
+
+def input_lengths(flat: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """int64 [N]: tokens each sample must feed the model (up to its last scored token, exclusive)."""
+    offsets = flat["offsets"]
+    n = len(offsets) - 1
+    lengths = np.zeros(n, np.int64)
+    pos = np.nonzero(mask)[0]
+    if len(pos):
+        sample = np.searchsorted(offsets, pos, side="right") - 1
+        np.maximum.at(lengths, sample, pos - offsets[sample])
+    return lengths
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int, same_length: bool = False) -> list[Batch]:
+    """Pack samples (longest first) into batches of at most `batch_tokens` padded tokens.
+
+    Deterministic for given lengths and budget, so a resumed run plans the
+    same batches. Samples with nothing to score (length 0) are left out; a
+    sample longer than the budget gets a batch of its own. `same_length`:
+    no padding at all, for models whose positions depend on the length.
+    """
+    if batch_tokens < 1:
+        raise TossError(f"batch_tokens must be at least 1, got {batch_tokens}")
+    order = [int(i) for i in np.lexsort((np.arange(len(lengths)), -lengths)) if lengths[i] > 0]
+    batches: list[Batch] = []
+    k = 0
+    while k < len(order):
+        longest = int(lengths[order[k]])
+        size = max(1, min(len(order) - k, batch_tokens // longest))
+        if same_length:
+            size = max(1, int(np.sum(lengths[order[k:k + size]] == longest)))
+        batches.append(Batch(len(batches), np.array(order[k:k + size], np.int64), longest))
+        k += size
+    return batches
+
+
+def batch_arrays(flat: dict[str, np.ndarray], mask: np.ndarray, batch: Batch
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs [B, L] int32, rows [R], targets [R] int32, token positions [R] in the flat layout)."""
+    offsets, tokens = flat["offsets"], flat["token_ids"]
+    L = batch.length
+    inputs = np.zeros((len(batch.samples), L), np.int32)
+    rows, positions = [], []
+    for b, s in enumerate(batch.samples):
+        start, stop = int(offsets[s]), int(offsets[s + 1])
+        n = min(L, stop - start)
+        inputs[b, :n] = tokens[start:start + n]
+        j = np.nonzero(mask[start:stop])[0]  # j >= 1, j <= L
+        rows.append(b * L + j - 1)
+        positions.append(start + j)
+    positions = np.concatenate(positions).astype(np.int64)
+    return inputs, np.concatenate(rows).astype(np.int64), tokens[positions].astype(np.int32), positions
+
+
+def plan_for(model: nn.Module, flat: dict[str, np.ndarray], mask: np.ndarray,
+             batch_tokens: int) -> list[Batch]:
+    """`plan_batches` of a flat layout's samples, cut after their last chosen position.
+
+    For models whose positions depend on the length (dynamic-NTK RoPE) samples are
+    whole and never padded: only samples of equal length share a batch.
+    """
+    lengths = input_lengths(flat, mask)
+    full = np.where(lengths > 0, np.diff(flat["offsets"]), 0)
+    same_length = bool(lengths.any()) and padding_changes_positions(
+        model, int(lengths[lengths > 0].min()), int(full.max()))
+    return plan_batches(full if same_length else lengths, batch_tokens, same_length)
+
+
+def flat_losses(model: nn.Module, flat: dict[str, np.ndarray], mask: np.ndarray,
+                batch_tokens: int, path: str | None = None) -> np.ndarray:
+    """float32 [T]: the cross-entropy of every token where `mask` is set (0 elsewhere).
+
+    `flat` holds `offsets` and `token_ids`; token j of a sample is predicted from the
+    tokens before it, so a sample's first token must not be in `mask`. Batches are
+    planned by `plan_for`; `path` (default: `pick_path`'s choice) as in `response_losses`.
+    """
+    out = np.zeros(len(flat["token_ids"]), np.float32)
+    batches = plan_for(model, flat, mask, batch_tokens)
+    if not batches:
+        return out
+    if path is None:
+        first = batches[0].samples[:2]
+        path, _ = pick_path(model, [flat["token_ids"][flat["offsets"][i]:flat["offsets"][i + 1]]
+                                    for i in first])
+    for b in batches:
+        inputs, rows, targets, positions = batch_arrays(flat, mask, b)
+        out[positions] = response_losses(model, inputs, rows, targets, path)
+    return out
 
 
 # ---------------------------------------------------------------- losses

@@ -1,49 +1,34 @@
 """Likelihood of reference answers: the negative log-likelihood of their tokens.
 
+Built on the scorer's core (`toss_mlx.token_loss`): sequences are batched by
+`plan_batches` under a token budget, cut after their last answer token, and only the
+positions that predict an answer token are projected onto the vocabulary.
 (The deep-safety metrics, which also score given answers token by token, belong here.)
 """
 
 from __future__ import annotations
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from ..token_loss import flat_losses
 
 
 def reference_nll(model: nn.Module, sequences: list[tuple[np.ndarray, np.ndarray]],
                   batch_tokens: int = 2048) -> list[tuple[float, int]]:
-    """(sum of -log p, token count) of each sequence's masked tokens, each predicted from the ones before.
-
-    Sequences are sorted by length and batched under a token budget; right padding
-    never changes the logits of earlier positions in a causal model.
-    """
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-
-    def run(batch: list[int]) -> None:
-        length = max(len(sequences[i][0]) for i in batch)
-        ids = np.zeros((len(batch), length), np.int32)
-        mask = np.zeros((len(batch), length), np.float32)
-        for row, i in enumerate(batch):
-            tokens, answer = sequences[i]
-            ids[row, :len(tokens)] = tokens
-            mask[row, :len(tokens)] = answer
-        logits = model(mx.array(ids[:, :-1])).astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        target = mx.array(ids[:, 1:])
-        nll = -mx.take_along_axis(logprobs, target[..., None], axis=-1)[..., 0]
-        sums = (nll * mx.array(mask[:, 1:])).sum(axis=1)
-        mx.eval(sums)
-        for row, i in enumerate(batch):
-            results[i] = (float(sums[row].item()), int(mask[row, 1:].sum()))
-
-    batch: list[int] = []
-    for i in order:
-        if batch and (len(batch) + 1) * len(sequences[i][0]) > batch_tokens:
-            run(batch)
-            batch = []
-        batch.append(i)
-    if batch:
-        run(batch)
-    return results
-
+    """(sum of -log p, token count) of each sequence's masked tokens, each predicted from the
+    ones before (a sequence's first token has nothing before it and is never counted)."""
+    lengths = [len(ids) for ids, _ in sequences]
+    offsets = np.zeros(len(sequences) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = {"offsets": offsets,
+            "token_ids": np.concatenate([np.asarray(ids, np.int32) for ids, _ in sequences])
+            if sequences else np.zeros(0, np.int32)}
+    mask = np.concatenate([np.asarray(m, bool) for _, m in sequences]) if sequences \
+        else np.zeros(0, bool)
+    mask[offsets[:-1][offsets[:-1] < len(mask)]] = False
+    losses = flat_losses(model, flat, mask, batch_tokens).astype(np.float64)
+    sample = np.repeat(np.arange(len(sequences)), lengths)
+    sums = np.bincount(sample, weights=losses, minlength=len(sequences))
+    counts = np.bincount(sample, weights=mask, minlength=len(sequences))
+    return [(float(s), int(c)) for s, c in zip(sums, counts, strict=True)]
