@@ -335,6 +335,31 @@ def test_a_toss_pro_round_reuses_the_utility_losses(base, adapters, data_file, t
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_path_choice_is_recorded_and_made_once_per_model(base, adapters, data_file, data, tmp_path,
+                                                         monkeypatch):
+    model, tokenizer = base
+    probes = []
+    real = token_loss._probe
+    monkeypatch.setattr(token_loss, "_probe", lambda m, x: (probes.append(x), real(m, x))[1])
+    token_loss._CHOICES.clear()
+    scores = score_data(model, adapters["utility"], adapters["safety"], data_file,
+                        tmp_path / "s.safetensors", tokenizer=tokenizer, max_seq_len=96, quiet=True)
+    assert scores.meta["score_path"] == "cpu-fast"  # the tiny llama on a Linux CPU
+    assert "matches the model's logits on a padded probe of 2 x" in scores.meta["score_path_reason"]
+    assert load_scores(tmp_path / "s.safetensors").meta["score_path"] == "cpu-fast"
+    assert len(probes) == 1
+    score_data(model, adapters["utility"], adapters["dora"], data_file, tmp_path / "t.safetensors",
+               tokenizer=tokenizer, max_seq_len=96, quiet=True)
+    assert len(probes) == 1  # same model object, same device and dtype: not probed again
+    monkeypatch.setenv("TOSS_MLX_CPU_FAST", "0")
+    assert token_loss.pick_path(model, data.samples[0].tokens)[0] == "body"
+    assert len(probes) == 2
+    # the probe: two rows of real tokens over two attention blocks, the second right-padded
+    batch = token_loss.probe_batch([data.samples[0].tokens, data.samples[1].tokens])
+    assert batch.shape == (2, token_loss.PROBE_LENGTH) and token_loss.PROBE_LENGTH > token_loss.ATTN_BLOCK
+    assert (batch[1, -1] == 0) and (batch[1, 0] == data.samples[1].tokens[-1])
+
+
 def _interrupting(monkeypatch, after: int):
     """Make the (after+1)-th call of response_losses raise KeyboardInterrupt; count calls."""
     from toss_mlx import score as score_mod
