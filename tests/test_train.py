@@ -70,7 +70,7 @@ def random_mask(tokenized, seed=0, share=0.7):
 
 def batch_of(tokenized, keep_override=None, rows=(0, 1, 2, 3), mask=None):
     ds = KeepDataset.build(tokenized, mask)
-    tokens, lengths, keep = make_batch(ds, np.array(rows), 2048)
+    tokens, lengths, keep, *_ = make_batch(ds, np.array(rows), 2048)
     if keep_override is not None:
         keep = keep_override(np.array(keep))
         keep = mx.array(keep)
@@ -121,6 +121,41 @@ def test_loss_equals_hand_computed_masked_cross_entropy(lora_model, tokenized, n
         want = flat["response_mask"][a:b].astype(bool) & mask[a:b]
         assert np.array_equal(np.array(keep)[row, : b - a], want)
         assert not np.array(keep)[row, b - a:].any()  # padding is never a target
+
+
+@pytest.mark.parametrize("norm", ["token", "sample"])
+@pytest.mark.parametrize("kept", ["mask", "none"])
+def test_loss_at_kept_positions_equals_the_full_logits_loss(lora_model, tokenized, norm, kept):
+    """Projecting only the kept targets' hidden states (tied embedding, chunked, checkpointed)
+    gives the full-logits loss and gradients; a batch with nothing kept gives 0 and zero grads."""
+    import toss_mlx.batches as batches
+    from toss_mlx import token_loss
+
+    ds = KeepDataset.build(tokenized, random_mask(tokenized) if kept == "mask" else
+                           np.zeros(tokenized.flat()["offsets"][-1], bool))
+    batch = make_batch(ds, np.array([0, 1, 2, 3]), 2048)
+    assert len(batch) == 5 and batch[3].shape[0] % batches.KEPT_PAD == 0
+    batches._KEPT_HEAD.clear()
+    full_loss, full_grads = grads_of(lora_model, batch, norm)  # never checked: full logits
+    assert batches.use_kept_head(lora_model, np.array(batch[0][0]))
+    assert token_loss.head(lora_model) is not None and lora_model.args.tie_word_embeddings
+    try:
+        kept_loss, kept_grads = grads_of(lora_model, batch, norm)
+        small, _ = grads_of(lora_model, batch[:3], norm)  # rows computed from keep
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(token_loss, "HEAD_CHUNK_BYTES", 4 * 400 * 5)  # 5 rows per chunk
+            chunked_loss, chunked_grads = grads_of(lora_model, batch, norm)
+    finally:
+        batches._KEPT_HEAD.clear()
+    assert kept_loss.item() == pytest.approx(full_loss.item(), rel=1e-5, abs=1e-7)
+    assert small.item() == pytest.approx(kept_loss.item(), rel=1e-6, abs=1e-7)
+    assert chunked_loss.item() == pytest.approx(kept_loss.item(), rel=1e-6, abs=1e-7)
+    for name, g in full_grads.items():
+        np.testing.assert_allclose(np.array(kept_grads[name]), np.array(g), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.array(chunked_grads[name]), np.array(g), rtol=1e-4, atol=1e-6)
+    if kept == "none":
+        assert kept_loss.item() == 0.0
+        assert all(not np.any(np.array(g)) for g in kept_grads.values())
 
 
 def test_norms_differ_when_samples_have_different_kept_counts(lora_model, tokenized):

@@ -51,6 +51,7 @@ from .batches import (
     masked_eval_loss,
     masked_loss,
     steps_per_epoch,
+    use_kept_head,
 )
 from .config import build_config, read_yaml
 from .data import tokenize_dataset
@@ -554,6 +555,7 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
         + (f" x {world} processes" if world > 1 else "")
         + f", {per_epoch} steps/epoch, {total} steps, kept {kept_share:.1%} of response tokens")
 
+    use_kept_head(model, train_set.tokens[0])  # project only kept targets, if the head allows
     loop = _TrainingCallback(s, model, optimizer, train_set, valid_set, out, config, start, total, best, on_step)
     seconds = loop.run() if start < total else 0.0
     if rank == 0:
