@@ -1,10 +1,7 @@
 """The flat per-token layout of scores and mask files: reading, checking, and the counts over it.
 
 The arrays and their metadata are described once, in README.md ("Files":
-`scores.safetensors` and `mask.safetensors`). Both files share `offsets` int64 [N+1]
-(sample i's tokens are `offsets[i]:offsets[i+1]`) and `row_index` int64 [N]; a scores
-file adds `token_ids`, `response_mask`, `loss_utility`, `loss_safety`, `score` [T], a
-mask file `keep` [T]. This module is the one place that:
+`scores.safetensors` and `mask.safetensors`). This module is the one place that:
 - reads and checks them: `load_scores` -> `Scores`, `load_mask` -> `Mask` (checked
   against the samples and the data fingerprint they must belong to);
 - says where a token sits in its answer: `answer_positions`, and counts removal by
