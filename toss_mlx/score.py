@@ -34,7 +34,6 @@ How it runs:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -46,9 +45,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import adapter_fingerprint
+from .cache import adapter_fingerprint, cache_key
 from .data import TokenizedData
-from .io import TossError, load_arrays, save_arrays, sha256_bytes
+from .io import TossError, load_arrays, save_arrays
 from .layout import FINGERPRINT_KEYS, FORMAT_VERSION, Scores
 from .models.lora import AdapterSet
 from .progress import Progress
@@ -173,12 +172,14 @@ def distributed_group(group=None):
         return None
 
 
-def run_key(fingerprint: dict[str, Any], model: str, utility_sha: str, safety_sha: str,
-            batch_tokens: int, samples: int, reused: str | None = None) -> str:
-    return sha256_bytes(json.dumps({
-        "format_version": FORMAT_VERSION, "fingerprint": {k: str(fingerprint.get(k)) for k in FINGERPRINT_KEYS},
-        "model": model, "utility": utility_sha, "safety": safety_sha, "batch_tokens": int(batch_tokens),
-        "samples": int(samples), "reused_utility": reused}, sort_keys=True))
+def run_key(s: ScoreSettings, fingerprint: dict[str, Any], adapters: tuple[str, str], samples: int,
+            path: str) -> str:
+    """The key of a run's shards: everything that decides its losses (`cache.cache_key`)."""
+    return cache_key({"scores_format": FORMAT_VERSION, "model": s.model,
+                      "fingerprint": {k: str(fingerprint.get(k)) for k in FINGERPRINT_KEYS},
+                      "utility": adapters[0], "safety": adapters[1],
+                      "batch_tokens": int(s.batch_tokens), "samples": int(samples), "path": path,
+                      "reuse_utility": Path(s.reuse_utility) if s.reuse_utility else None})
 
 
 def reusable_utility(path: str | os.PathLike, data: TokenizedData, model: str, utility_sha: str,
@@ -230,11 +231,21 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
     hashes = adapter_fingerprint(s.utility), adapter_fingerprint(s.safety)
     reused = reusable_utility(s.reuse_utility, data, s.model, hashes[0], mask) \
         if s.reuse_utility else None
-    key = run_key(data.fingerprint, s.model, *hashes, s.batch_tokens, len(lengths),
-                  reused.meta.get("safety_adapter_sha256") if reused is not None else None)
     batches = plan_for(model, flat, mask, s.batch_tokens)
     mine = [b for b in batches if b.index % size == rank]
 
+    # Adapter 0 = utility, 1 = safety; with reused utility losses only the safety adapter runs.
+    switch = AdapterSet(model, [s.utility, s.safety])
+    sides = (1,) if reused is not None else (0, 1)
+    if path is not None:
+        chosen, reason = path, "forced by the caller"
+    elif lengths.any():  # probed on the bare base, so that every run of this model agrees
+        chosen, reason = pick_path(model, [flat["token_ids"][flat["offsets"][b.samples[0]]:
+                                                             flat["offsets"][b.samples[0] + 1]]
+                                           for b in batches[:2]])
+    else:
+        chosen, reason = "none", "nothing to score"
+    key = run_key(s, data.fingerprint, hashes, len(lengths), chosen)
     store = ShardStore(Path(work_dir) if work_dir is not None else None, key, rank)
     done = store.load()
     T = len(flat["token_ids"])
@@ -248,17 +259,6 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
         else:
             todo.append(b)
 
-    # Adapter 0 = utility, 1 = safety; with reused utility losses only the safety adapter runs.
-    switch = AdapterSet(model, [s.utility, s.safety])
-    sides = (1,) if reused is not None else (0, 1)
-    if path is not None:
-        chosen, reason = path, "forced by the caller"
-    elif lengths.any():  # probed on the bare base, so that every run of this model agrees
-        chosen, reason = pick_path(model, [flat["token_ids"][flat["offsets"][b.samples[0]]:
-                                                             flat["offsets"][b.samples[0] + 1]]
-                                           for b in batches[:2]])
-    else:
-        chosen, reason = "none", "nothing to score"
     say(f"scoring path: {chosen} ({reason})" + ("; utility losses reused from "
                                                  f"{s.reuse_utility}" if reused is not None else ""))
     # The bar advances by padded tokens, the work a batch costs, so the ETA holds
