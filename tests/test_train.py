@@ -467,3 +467,33 @@ def test_init_adapter_continues_from_its_weights(tmp_path, tiny_model_dir, data_
         train(replace(cont, out=str(tmp_path / "wrong"), lora=LoraSettings(rank=8)))
     with pytest.raises(TossError, match="adapter not found"):
         train(replace(cont, out=str(tmp_path / "none"), init_adapter=str(tmp_path / "nope")))
+
+
+@pytest.mark.slow
+def test_real_model_loss_at_kept_positions_equals_full_logits(smollm2_dir, data_file):
+    """SmolLM2-135M (49k vocabulary, tied embeddings, 30 layers): the kept-positions loss and
+    its LoRA gradients equal the full-logits ones."""
+    import toss_mlx.batches as batches
+
+    model, tokenizer = load_model(str(smollm2_dir), quiet=True)
+    mx.random.seed(0)
+    add_lora(model, LoraSettings(rank=4, num_layers=4))
+    model.load_weights([(name, 0.01 * mx.random.normal(p.shape))
+                        for name, p in tree_flatten(model.trainable_parameters())
+                        if name.endswith("lora_b")], strict=False)
+    data = tokenize_dataset(data_file, tokenizer, max_seq_len=128)
+    ds = KeepDataset.build(data, random_mask(data))
+    batch = make_batch(ds, np.arange(min(4, len(data.samples))), 128)
+    batches._KEPT_HEAD.clear()
+    try:
+        for norm in ("token", "sample"):
+            full_loss, full_grads = grads_of(model, batch, norm)
+            assert batches.use_kept_head(model, np.array(batch[0][0]))
+            kept_loss, kept_grads = grads_of(model, batch, norm)
+            batches._KEPT_HEAD.clear()
+            assert kept_loss.item() == pytest.approx(full_loss.item(), rel=1e-5)
+            for name, g in full_grads.items():
+                np.testing.assert_allclose(np.array(kept_grads[name]), np.array(g), rtol=1e-3,
+                                           atol=1e-6, err_msg=name)
+    finally:
+        batches._KEPT_HEAD.clear()
