@@ -1,0 +1,68 @@
+"""Tiny random qwen2 and gemma3 models (mlx-lm classes), next to tiny.py's llama, for the GGUF export tests.
+
+Each folder has the tiny byte-level BPE tokenizer of tiny.py; the gemma3 one
+adds a BOS token and a Gemma-style chat template (the system text opens the
+first user turn), as Gemma's own tokenizer config does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tiny import build_model_folder, build_tokenizer
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<|im_start|>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] "
+    "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>model\n' }}{% endif %}"
+)
+
+QWEN2 = {
+    "model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
+    "eos_token_id": 2,
+}
+# Two layers with sliding_window_pattern 2: layer 0 is local (RoPE base 10000), layer 1 global (1e6).
+GEMMA3 = {
+    "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+    "sliding_window": 512, "sliding_window_pattern": 2, "max_position_embeddings": 512,
+    "eos_token_id": 2, "bos_token_id": 0,
+}
+
+def build_arch_folder(folder: Path, model_type: str, seed: int = 0) -> Path:
+    """A tiny random mlx-lm model folder of `model_type` ("llama", "qwen2" or "gemma3_text")."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import gemma3_text, qwen2
+
+    if model_type == "llama":
+        return build_model_folder(folder, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(folder)
+    config = dict(QWEN2 if model_type == "qwen2" else GEMMA3, vocab_size=vocab)
+    module = qwen2 if model_type == "qwen2" else gemma3_text
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    params = dict(tree_flatten(model.parameters()))
+    if model_type == "gemma3_text":
+        del params["lm_head.weight"]  # Gemma ties the head to the embeddings
+        # Norm weights are stored as w with the model using (1 + w); random values make the
+        # GGUF's 1 + w visible (a zero init would pass with or without the shift).
+        for name in params:
+            if name.endswith("norm.weight"):
+                params[name] = 0.5 * mx.random.normal(params[name].shape)
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tok_config.update(bos_token="<|endoftext|>", add_bos_token=True, chat_template=GEMMA_TEMPLATE)
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    mx.save_safetensors(str(folder / "model.safetensors"), params)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
