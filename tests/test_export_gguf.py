@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from adapters import make_adapter, mlx_logits
+from adapters import TOKENS, make_adapter, mlx_logits
 from safetensors.numpy import load_file, save_file
 from tiny_archs import build_arch_folder
 
@@ -337,3 +337,23 @@ def test_quantized_base_is_said_and_measured(tmp_path, tiny_model_dir):
                           quiet=True)[0]
     diff = np.abs(mlx_logits(imported, tokens) - mlx_logits(reference, tokens)).max()
     assert 0 < result.max_logit_diff < 1.0 and abs(diff - result.max_logit_diff) < 2e-3
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("torch", "transformers")),
+                    reason="needs torch + transformers (pip install torch==2.13.0 transformers)")
+def test_transformers_gguf_loader_reads_the_fused_model(arch, exports):
+    """transformers' own GGUF reader (its own dequantizer, q/k un-permutation and Gemma norm shift)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, model, adapter, _ = arch
+    reference, _ = load_model(str(model), adapter_path=str(adapter), quiet=True)
+    # transformers maps no query_pre_attn_scalar or sliding-window pattern from a gemma3 GGUF
+    # (it would attend with its defaults 256 and all-sliding): give it the true config, so the
+    # weights are what it checks here; llama.cpp checks the metadata (test_export_llama_cpp.py).
+    config = AutoConfig.from_pretrained(str(model)) if kind == "gemma3_text" else None
+    hf = AutoModelForCausalLM.from_pretrained(str(exports["f16"].out), gguf_file="model-f16.gguf",
+                                              config=config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(torch.tensor([TOKENS])).logits[0].numpy()
+    np.testing.assert_allclose(got, mlx_logits(reference), atol=0.03)  # f16 weights
