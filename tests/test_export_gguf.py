@@ -241,7 +241,8 @@ def test_chat_segments_reproduce_the_jinja_template(kind, tmp_path):
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(build_arch_folder(tmp_path / kind, kind))
-    segs = chat_segments(tokenizer)
+    strip_bos = kind == "gemma3_text"  # its tokenizer config sets add_bos_token
+    segs = chat_segments(tokenizer, strip_bos=strip_bos)
     assert segs is not None and segs.system_in_user == (kind == "gemma3_text")
     conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "a\nb"},
                     {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"},
@@ -250,7 +251,9 @@ def test_chat_segments_reproduce_the_jinja_template(kind, tmp_path):
                                  (conversation[1:5], False)):
         jinja = tokenizer.apply_chat_template(messages, tokenize=False,
                                               add_generation_prompt=generation)
-        jinja = jinja.removeprefix(tokenizer.bos_token or "\0")
+        if strip_bos:
+            assert jinja.startswith(tokenizer.bos_token)
+            jinja = jinja.removeprefix(tokenizer.bos_token)
         assert render_segments(segs, messages, generation) == jinja
 
 
@@ -357,3 +360,39 @@ def test_transformers_gguf_loader_reads_the_fused_model(arch, exports):
     with torch.no_grad():
         got = hf(torch.tensor([TOKENS])).logits[0].numpy()
     np.testing.assert_allclose(got, mlx_logits(reference), atol=0.03)  # f16 weights
+
+
+@pytest.mark.slow
+def test_smollm2_ollama_export_and_round_trip(smollm2_dir, tmp_path):
+    """SmolLM2-135M + LoRA: the Ollama folder's template, and `model import` gives the logits back."""
+    from toss_mlx.models.gguf import import_gguf
+
+    adapter = make_adapter(smollm2_dir, tmp_path / "adapter", num_layers=8, rank=8, alpha=16.0,
+                           targets=("q_proj", "k_proj", "v_proj", "down_proj"), amplitude=0.05)
+    result = export_adapter(adapter, tmp_path / "ollama", fmt="ollama", model=str(smollm2_dir))
+    text = (tmp_path / "ollama" / "Modelfile").read_text()
+    # SmolLM2's BOS is <|im_start|>, and it is not added by the tokenizer: it stays in the turns.
+    assert '{{ "<|im_start|>system\\n" }}' in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert result.max_logit_diff < 0.1
+
+    reference, tokenizer = load_model(str(smollm2_dir), adapter_path=str(adapter), quiet=True)
+    tokens = tokenizer.encode(CHECK_TEXT)[:32]
+    imported = import_gguf(tmp_path / "ollama" / "model-f16.gguf", tmp_path / "imported")
+    got = mlx_logits(load_model(str(imported), quiet=True)[0], tokens)
+    expected = mlx_logits(reference, tokens)
+    assert np.abs(expected - mlx_logits(load_model(str(smollm2_dir), quiet=True)[0], tokens)).max() > 0.5
+    diff = np.abs(got - expected).max()
+    assert diff < 0.1 and abs(diff - result.max_logit_diff) < 2e-3
+
+
+def test_recipe_export_takes_one_format_or_a_list():
+    from pathlib import Path
+
+    from toss_mlx.pipeline import load_recipe
+
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    assert load_recipe(recipe)[0].export == ["peft"]  # `export: peft`
+    assert load_recipe(recipe, ["export=peft,gguf"])[0].export == ["peft", "gguf"]
+    with pytest.raises(TossError, match=r"export\[1\]: expected one of .*'ollama'.*got 'onnx'"):
+        load_recipe(recipe, ["export=peft,onnx"])

@@ -466,11 +466,12 @@ MARKS = {"system": "\u2063SYS\u2063", "u1": "\u2063U1\u2063", "a1": "\u2063A1\u2
          "u2": "\u2063U2\u2063", "a2": "\u2063A2\u2063"}
 
 
-def _render(tokenizer, messages: list[dict[str, str]], generation: bool) -> str:
+def _render(tokenizer, messages: list[dict[str, str]], generation: bool, strip_bos: bool) -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     bos = getattr(tokenizer, "bos_token", None)
-    # The runtime adds the BOS token itself (tokenizer.ggml.add_bos_token); drop it from the text.
-    if bos and text.startswith(bos):
+    # A runtime that adds the BOS token itself (tokenizer.ggml.add_bos_token) must not find it in
+    # the template's text too. Only then: SmolLM2's BOS is <|im_start|>, which opens every turn.
+    if strip_bos and bos and text.startswith(bos):
         text = text[len(bos):]
     return text
 
@@ -485,20 +486,27 @@ def _split(text: str, marks: list[str]) -> list[str] | None:
     return pieces + [text]
 
 
-def chat_segments(tokenizer) -> ChatSegments | None:
-    """Segment the model's Jinja chat template; None if it is not fixed text around turns."""
+def chat_segments(tokenizer, strip_bos: bool = False) -> ChatSegments | None:
+    """Segment the model's Jinja chat template; None if it is not fixed text around turns.
+
+    strip_bos: the runtime adds the BOS token (tokenizer.ggml.add_bos_token), so a BOS the
+    template writes is left out of the segments.
+    """
     M = MARKS
+
+    def render(messages: list[dict[str, str]], generation: bool) -> str:
+        return _render(tokenizer, messages, generation, strip_bos)
 
     def msg(role: str, key: str) -> dict[str, str]:
         return {"role": role, "content": M[key]}
 
     try:
-        full = _split(_render(tokenizer, [msg("system", "system"), msg("user", "u1"),
-                                          msg("assistant", "a1"), msg("user", "u2")], True),
+        full = _split(render([msg("system", "system"), msg("user", "u1"),
+                              msg("assistant", "a1"), msg("user", "u2")], True),
                       [M["system"], M["u1"], M["a1"], M["u2"]])
-        one_gen = _split(_render(tokenizer, [msg("user", "u1")], True), [M["u1"]])
-        one = _split(_render(tokenizer, [msg("user", "u1")], False), [M["u1"]])
-        pair = _split(_render(tokenizer, [msg("user", "u1"), msg("assistant", "a1")], False),
+        one_gen = _split(render([msg("user", "u1")], True), [M["u1"]])
+        one = _split(render([msg("user", "u1")], False), [M["u1"]])
+        pair = _split(render([msg("user", "u1"), msg("assistant", "a1")], False),
                       [M["u1"], M["a1"]])
     except Exception:  # templates that raise on a system turn, on no system turn, ...
         return None
@@ -533,8 +541,7 @@ def chat_segments(tokenizer) -> ChatSegments | None:
     ]
     for turns, generation_prompt in probes:
         messages = [{"role": r, "content": c} for r, c in turns]
-        if render_segments(segs, messages, generation_prompt) != _render(tokenizer, messages,
-                                                                        generation_prompt):
+        if render_segments(segs, messages, generation_prompt) != render(messages, generation_prompt):
             return None
     return segs
 
@@ -763,7 +770,10 @@ def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str
     fused, tokenizer, config, model_dir, result.base_quantized = _load_fused(base_model, adapter.folder)
     segs = stops = None
     if fmt == "ollama":
-        segs = chat_segments(tokenizer)
+        import gguf
+
+        adds_bos = bool(gguf.SpecialVocab(model_dir).add_special_token.get("bos", False))
+        segs = chat_segments(tokenizer, strip_bos=adds_bos)
         stops = stop_tokens(segs, tokenizer)
         if segs is None:
             result.notes.append("the chat template is not fixed text around turns, so the "
