@@ -324,13 +324,15 @@ def write_model_gguf(path: Path, model, config: dict[str, Any], model_dir: Path,
 
 def llama_cpp_quantize(src: Path, dst: Path, quant: str) -> None:
     """Requantize a GGUF with llama.cpp's own quantizer (llama-cpp-python's llama_model_quantize)."""
+    import ctypes
+
     import llama_cpp
 
     ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[quant]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise TossError(f"{src}: llama.cpp's quantizer failed (code {rc})")
 
@@ -649,9 +651,10 @@ def render_readme(result: GGUFExport, adapter: Adapter, base_model: str, ollama_
     if result.fmt == "gguf-lora":
         lines += [
             "The adapter alone, as a llama.cpp LoRA GGUF (general.type = adapter, "
-            f"adapter.lora.alpha = {adapter.scale * adapter.rank:g}). It needs a GGUF of the same "
-            "base model (for example `toss-mlx export ADAPTER --format gguf` of an adapter with "
-            "zero weights, or the base GGUF the model was imported from):",
+            f"adapter.lora.alpha = {adapter.scale * adapter.rank:g}). It runs on a GGUF of the "
+            "same base model: the GGUF the base was imported from (`toss-mlx model import`, the "
+            "registry's SmolLM2: the adapter was trained on exactly its weights), or llama.cpp's "
+            "`convert_hf_to_gguf.py BASE_FOLDER --outtype f16` of a Hugging Face base:",
             "",
             "```sh",
             "llama-server -m base.gguf --lora adapter.gguf",
