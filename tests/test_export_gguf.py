@@ -396,3 +396,26 @@ def test_recipe_export_takes_one_format_or_a_list():
     assert load_recipe(recipe, ["export=peft,gguf"])[0].export == ["peft", "gguf"]
     with pytest.raises(TossError, match=r"export\[1\]: expected one of .*'ollama'.*got 'onnx'"):
         load_recipe(recipe, ["export=peft,onnx"])
+
+
+def test_sentencepiece_tokenizer_metadata(tmp_path):
+    """A Gemma-style (SentencePiece BPE, byte fallback) tokenizer is written as llama.cpp's "llama" model."""
+    model = build_arch_folder(tmp_path / "model", "gemma3_text", spm=True)
+    adapter = make_adapter(model, tmp_path / "adapter")
+    export_gguf(adapter, tmp_path / "out", model=str(model))
+    reader = gguf_file(tmp_path / "out" / "model-f16.gguf")
+    data = json.loads((model / "tokenizer.json").read_text())
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is False
+    assert field(reader, "tokenizer.ggml.add_bos_token") is True
+    assert field(reader, "tokenizer.ggml.bos_token_id") == 2
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    kinds = field(reader, "tokenizer.ggml.token_type")
+    scores = field(reader, "tokenizer.ggml.scores")
+    assert tokens[:5] == ["<pad>", "<eos>", "<bos>", "<unk>", "<0x00>"]
+    assert kinds[:5] == [3, 3, 3, 3, 6] and kinds[4 + 0x41] == 6  # control x4, then BYTE pieces
+    # A merged piece scores minus the rank of the first merge that makes it (found by a scan).
+    for piece in ("\u2581capital", "\u2581France", "\u2581of"):
+        rank = next(r for r, m in enumerate(merges) if "".join(m if isinstance(m, list) else m.split(" ")) == piece)
+        assert scores[vocab[piece]] == -float(rank) and kinds[vocab[piece]] == 1

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs llama-cpp-python (a source build of llama.cpp: "
            "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python)")
 
-ARCHS = ["llama", "qwen2", "gemma3_text"]
+ARCHS = ["llama", "qwen2", "gemma3_text", "gemma3_spm"]  # gemma3_spm: a Gemma-style SentencePiece tokenizer
+TEXT = CHECK_TEXT + " Caf\u00e9 \u00a35, 3..3  spaces\n\nnew lines"  # byte fallback, runs of spaces
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 STEPS = 20
 
@@ -72,7 +73,7 @@ def assert_close_logits(got: np.ndarray, expected: np.ndarray, share: float) -> 
 def case(request, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(f"cpp-{kind}")
-    model = build_arch_folder(root / "model", kind)
+    model = build_arch_folder(root / "model", kind.replace("_spm", "_text"), spm=kind.endswith("_spm"))
     adapter = make_adapter(model, root / "adapter", targets=TARGETS, rank=4, alpha=8.0)
     reference, tokenizer = load_model(str(model), adapter_path=str(adapter), quiet=True)
     return kind, model, adapter, reference, tokenizer, root
@@ -83,8 +84,9 @@ def test_fused_gguf_in_llama_cpp(case):
     result = export_gguf(adapter, root / "f16", model=str(model))
     llm = llama(root / "f16" / "model-f16.gguf")
     # The GGUF's tokenizer splits text as the model's own does.
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == \
+        tokenizer.encode(TEXT, add_special_tokens=False)
     tokens = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=True)
-    assert tokens == tokenizer.encode(CHECK_TEXT, add_special_tokens=False)
     expected = mlx_logits(reference, tokens)
     base = mlx_logits(load_model(str(model), quiet=True)[0], tokens)
     assert np.abs(expected - base).max() > 0.5, "the adapter must visibly change the logits"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tiny import build_model_folder, build_tokenizer
+from tiny import CORPUS, build_model_folder, build_tokenizer
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
@@ -37,8 +37,49 @@ GEMMA3 = {
     "eos_token_id": 2, "bos_token_id": 0,
 }
 
-def build_arch_folder(folder: Path, model_type: str, seed: int = 0) -> Path:
-    """A tiny random mlx-lm model folder of `model_type` ("llama", "qwen2" or "gemma3_text")."""
+def build_spm_tokenizer(folder: Path, vocab_size: int = 600) -> int:
+    """A SentencePiece-style BPE tokenizer.json as Gemma's: "▁" for spaces, byte fallback
+    pieces <0x00>..<0xFF> in the vocabulary, no pre-tokenizer, <pad> <eos> <bos> <unk> first."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
+    trainer_tok.train_from_iterator(CORPUS * 4, trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for token, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    data = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, t in enumerate(specials)],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                  "ignore_merges": False, "vocab": vocab, "merges": trained["merges"]},
+    }
+    Tokenizer.from_str(json.dumps(data)).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False,
+        "chat_template": GEMMA_TEMPLATE.replace("<|im_start|>", "<start>").replace("<|im_end|>", "<eos>"),
+        "model_max_length": 512}))
+    return len(vocab)
+
+
+def build_arch_folder(folder: Path, model_type: str, seed: int = 0, spm: bool = False) -> Path:
+    """A tiny random mlx-lm model folder of `model_type` ("llama", "qwen2" or "gemma3_text").
+
+    spm: (gemma3_text) a SentencePiece-style tokenizer (build_spm_tokenizer), as Gemma's own.
+    """
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import gemma3_text, qwen2
@@ -46,8 +87,10 @@ def build_arch_folder(folder: Path, model_type: str, seed: int = 0) -> Path:
     if model_type == "llama":
         return build_model_folder(folder, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(folder)
+    vocab = build_spm_tokenizer(folder) if spm else build_tokenizer(folder)
     config = dict(QWEN2 if model_type == "qwen2" else GEMMA3, vocab_size=vocab)
+    if spm:
+        config.update(eos_token_id=1, bos_token_id=2)
     module = qwen2 if model_type == "qwen2" else gemma3_text
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -59,9 +102,10 @@ def build_arch_folder(folder: Path, model_type: str, seed: int = 0) -> Path:
         for name in params:
             if name.endswith("norm.weight"):
                 params[name] = 0.5 * mx.random.normal(params[name].shape)
-        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-        tok_config.update(bos_token="<|endoftext|>", add_bos_token=True, chat_template=GEMMA_TEMPLATE)
-        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        if not spm:
+            tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+            tok_config.update(bos_token="<|endoftext|>", add_bos_token=True, chat_template=GEMMA_TEMPLATE)
+            (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
     mx.save_safetensors(str(folder / "model.safetensors"), params)
     (folder / "config.json").write_text(json.dumps(config))
     return folder

@@ -212,11 +212,14 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
         raise TossError(f"{model_dir}: no tokenizer.json; the GGUF must carry the tokenizer")
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
-        raise TossError(f"{path}: only byte-level BPE tokenizers are exported to GGUF here "
-                        f"(this one is {model.get('type')!r} with decoder "
-                        f"{(data.get('decoder') or {}).get('type')!r}); SentencePiece-style "
-                        "tokenizers need llama.cpp's convert_hf_to_gguf.py on the fused folder")
+    byte_level = (data.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+        raise TossError(f"{path}: only BPE tokenizers are exported to GGUF here, byte-level "
+                        "or SentencePiece-style with byte fallback (this one is "
+                        f"{model.get('type')!r}); convert the fused folder (toss-mlx fuse) "
+                        "with llama.cpp's convert_hf_to_gguf.py")
+    if not byte_level:
+        return add_sentencepiece_tokenizer(writer, model_dir, data, vocab_size)
     pre = _pre_tokenizer_name(data, str(path))
     tok = Tokenizer.from_file(str(path))
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -245,6 +248,63 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     special.add_to_gguf(writer, quiet=True)
     if not special.merges:
         raise TossError(f"{path}: no BPE merges found; the GGUF tokenizer would not work")
+
+
+def add_sentencepiece_tokenizer(writer, model_dir: Path, data: dict[str, Any], vocab_size: int) -> None:
+    """tokenizer.ggml.model "llama" (SentencePiece BPE), as convert_hf_to_gguf's _set_vocab_sentencepiece.
+
+    Built from tokenizer.json, whose merges Hugging Face derived from the SentencePiece
+    scores (a pair's rank = its merged piece's score order): each piece made by a merge
+    gets score -rank, so llama.cpp, which merges the best-scored adjacent pair, merges
+    in Hugging Face's order. Byte pieces <0xNN> are BYTE tokens (byte fallback).
+    """
+    import gguf
+
+    path = model_dir / "tokenizer.json"
+    model = data["model"]
+    pieces: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    for i, t in added.items():
+        pieces[i] = t["content"]
+    if max(pieces) >= vocab_size:
+        raise TossError(f"{path}: token id {max(pieces)} does not fit the model's vocab_size {vocab_size}")
+    scores_by_piece: dict[str, float] = {}
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores_by_piece.setdefault(left + right, -float(rank))
+    unk = model.get("unk_token")
+    tokens, scores, types = [], [], []
+    T = gguf.TokenType
+    for i in range(vocab_size):
+        piece = pieces.get(i)
+        if piece is None:
+            tokens.append(f"[PAD{i}]")
+            kind = T.UNUSED
+        else:
+            tokens.append(piece)
+            if i in added:
+                kind = T.CONTROL if added[i].get("special") else T.USER_DEFINED
+            elif piece == unk:
+                kind = T.UNKNOWN
+            elif re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+                kind = T.BYTE
+            else:
+                kind = T.NORMAL
+        types.append(kind)
+        scores.append(scores_by_piece.get(tokens[-1], 0.0) if kind == T.NORMAL else 0.0)
+    normalizer = json.dumps(data.get("normalizer"))
+    pre_tokenizer = json.dumps(data.get("pre_tokenizer"))
+    # A leading "▁" added to the text (Llama 2's prepend) is add_space_prefix; Gemma adds none.
+    prepends = '"Prepend"' in normalizer or '"prepend_scheme": "always"' in pre_tokenizer \
+        or '"add_prefix_space": true' in pre_tokenizer
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(prepends)
+    special = gguf.SpecialVocab(model_dir, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
 
 
 # ---------------------------------------------------------------------------------------------
