@@ -419,3 +419,18 @@ def test_sentencepiece_tokenizer_metadata(tmp_path):
     for piece in ("\u2581capital", "\u2581France", "\u2581of"):
         rank = next(r for r, m in enumerate(merges) if "".join(m if isinstance(m, list) else m.split(" ")) == piece)
         assert scores[vocab[piece]] == -float(rank) and kinds[vocab[piece]] == 1
+
+
+def test_unknown_pre_tokenizer_is_refused_before_loading(tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    data = json.loads((model / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Whitespace"}
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    (model / "model.safetensors").write_bytes(b"not loaded: the refusal comes first")
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    with pytest.raises(TossError, match="pre-tokenizer .*Whitespace.* matches none llama.cpp"):
+        export_gguf(adapter, tmp_path / "out", model=str(model))
+    assert not (tmp_path / "out").exists()

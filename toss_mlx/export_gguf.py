@@ -202,11 +202,8 @@ def _pre_tokenizer_name(tokenizer_json: dict[str, Any], source: str) -> str:
                     "differently from the model's own tokenizer")
 
 
-def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
-    """tokenizer.ggml.* as convert_hf_to_gguf's _set_vocab_gpt2 writes them, plus the chat template."""
-    import gguf
-    from tokenizers import Tokenizer
-
+def check_tokenizer(model_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """(tokenizer.json, its tokenizer.ggml.pre name or None for SentencePiece); refuses the rest."""
     path = model_dir / "tokenizer.json"
     if not path.exists():
         raise TossError(f"{model_dir}: no tokenizer.json; the GGUF must carry the tokenizer")
@@ -218,9 +215,18 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
                         "or SentencePiece-style with byte fallback (this one is "
                         f"{model.get('type')!r}); convert the fused folder (toss-mlx fuse) "
                         "with llama.cpp's convert_hf_to_gguf.py")
-    if not byte_level:
+    return data, (_pre_tokenizer_name(data, str(path)) if byte_level else None)
+
+
+def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
+    """tokenizer.ggml.* as convert_hf_to_gguf's _set_vocab_gpt2 writes them, plus the chat template."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    path = model_dir / "tokenizer.json"
+    data, pre = check_tokenizer(model_dir)
+    if pre is None:
         return add_sentencepiece_tokenizer(writer, model_dir, data, vocab_size)
-    pre = _pre_tokenizer_name(data, str(path))
     tok = Tokenizer.from_file(str(path))
     vocab = tok.get_vocab(with_added_tokens=True)
     added = tok.get_added_tokens_decoder()
@@ -830,6 +836,7 @@ def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str
         return result
 
     _require_llama_cpp(quant)
+    check_tokenizer(model_dir)
     fused, tokenizer, config, model_dir, result.base_quantized = _load_fused(base_model, adapter.folder)
     segs = stops = None
     if fmt == "ollama":
