@@ -17,7 +17,7 @@ import pytest
 from adapters import make_adapter, mlx_logits
 from tiny_archs import build_arch_folder
 
-from toss_mlx.export_gguf import CHECK_TEXT, export_gguf, write_model_gguf
+from toss_mlx.export_gguf import CHECK_TEXT, check_prompt, export_gguf, write_model_gguf
 from toss_mlx.models.load import load_model
 
 pytestmark = pytest.mark.skipif(
@@ -90,7 +90,8 @@ def test_fused_gguf_in_llama_cpp(case):
     expected = mlx_logits(reference, tokens)
     base = mlx_logits(load_model(str(model), quiet=True)[0], tokens)
     assert np.abs(expected - base).max() > 0.5, "the adapter must visibly change the logits"
-    assert_close_logits(cpp_logits(llm, tokens), expected, 0.05)
+    diff = assert_close_logits(cpp_logits(llm, tokens), expected, 0.05)
+    print(f"{kind} f16: llama.cpp max |logit difference| {diff:.4f}, spread {expected.std():.3f}")
     # Greedy text, 20 tokens, token for token and as text.
     want = mlx_greedy(reference, tokens)
     got = cpp_greedy(llm, tokens)
@@ -105,11 +106,15 @@ def test_quantized_gguf_in_llama_cpp(case, quant):
     kind, model, adapter, reference, tokenizer, root = case
     result = export_gguf(adapter, root / quant, model=str(model), quant=quant)
     llm = llama(root / quant / f"model-{quant}.gguf")
-    tokens = tokenizer.encode(CHECK_TEXT, add_special_tokens=False)[:32]
+    tokens = check_prompt(tokenizer)  # the prompt of the export's read-back check
     expected = mlx_logits(reference, tokens)
-    diff = assert_close_logits(cpp_logits(llm, tokens), expected, 0.5)
-    # The read-back check (the file's weights in MLX) saw about the same error llama.cpp shows.
-    assert diff < 2 * result.max_logit_diff + 0.05 * expected.std()
+    got = cpp_logits(llm, tokens)
+    diff, spread = float(np.abs(got - expected).max()), float(expected.std())
+    print(f"{kind} {quant}: llama.cpp {diff:.4f}, read-back {result.max_logit_diff:.4f}, spread {spread:.3f}")
+    # llama.cpp runs what the file holds: its error is the one the read-back check (the file's
+    # weights, dequantized, in MLX) measured, plus its own 8-bit rounding of the activations.
+    assert diff < result.max_logit_diff + 0.1 * spread
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.5
     if quant == "q4_k_m":
         import gguf
 
@@ -130,7 +135,8 @@ def test_base_gguf_plus_lora_gguf_in_llama_cpp(case):
     plain = cpp_logits(llama(root / "base.gguf"), tokens)
     assert np.abs(plain - expected).max() > 0.5, "without the LoRA llama.cpp must differ"
     llm = llama(root / "base.gguf", lora=root / "lora" / "adapter.gguf")
-    assert_close_logits(cpp_logits(llm, tokens), expected, 0.05)
+    diff = assert_close_logits(cpp_logits(llm, tokens), expected, 0.05)
+    print(f"{kind} base + LoRA GGUF: llama.cpp max |logit difference| {diff:.4f}")
     assert cpp_greedy(llm, tokens) == mlx_greedy(reference, tokens)
 
 
