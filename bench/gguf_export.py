@@ -26,6 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import toss_mlx  # noqa: E402,F401  (BLAS before mlx)
 
 
+def cpp_logits(model_path: Path, lora: Path | None, tokens: list[int]) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model_path), lora_path=None if lora is None else str(lora),
+                n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
 def main() -> None:
     import mlx.core as mx
     from adapters import make_adapter, mlx_logits
@@ -59,14 +68,21 @@ def main() -> None:
                    "readback_top1": result.top1_agreement}
             gguf_files = [n for n in result.files if n.startswith("model-")]
             if has_llama_cpp and gguf_files:
-                from llama_cpp import Llama
-
-                llm = Llama(model_path=str(root / f"{fmt}-{quant}" / gguf_files[0]), n_ctx=128,
-                            logits_all=True, verbose=False, n_threads=2)
-                llm.eval(tokens)
-                got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+                got = cpp_logits(root / f"{fmt}-{quant}" / gguf_files[0], None, tokens)
                 row["llama_cpp_max_logit_diff"] = float(np.abs(got - expected).max())
                 row["llama_cpp_top1"] = float((got.argmax(-1) == expected.argmax(-1)).mean())
+            if has_llama_cpp and fmt == "gguf-lora":
+                from mlx_lm.utils import load
+
+                from toss_mlx.export_gguf import write_model_gguf
+                from toss_mlx.models.registry import source_file
+
+                base, _, config = load(str(model), return_config=True)
+                write_model_gguf(root / "base-f16.gguf", base, config, model, "f16", "base", "bench")
+                for label, base_file in (("f16 base", root / "base-f16.gguf"),
+                                         ("wheel's Q4_1 base", source_file("smollm2-135m-instruct"))):
+                    got = cpp_logits(base_file, root / f"{fmt}-{quant}" / "adapter.gguf", tokens)
+                    row[f"llama_cpp_max_logit_diff_on_{label}"] = float(np.abs(got - expected).max())
             rows.append(row)
             print(json.dumps(row))
     record = {"machine": f"{platform.system()} {platform.machine()}, {__import__('os').cpu_count()} cores",
