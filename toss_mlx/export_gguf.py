@@ -349,19 +349,17 @@ def _hparams(writer, config: dict[str, Any], arch: str) -> None:
         writer.add_rope_scaling_factor(float(scaling["factor"]))
 
 
-def model_tensors(model, config: dict[str, Any], arch: str, source: str) -> dict[str, tuple[str, np.ndarray]]:
-    """GGUF name -> (mlx-lm name, float32 array in llama.cpp's layout) of every model parameter."""
+def model_tensors(model, config: dict[str, Any], arch: str, source: str):
+    """Yield (GGUF name, float32 array in llama.cpp's layout) of every model parameter, one at a time."""
     from mlx.utils import tree_flatten
 
     name_map = _tensor_map(arch, config["num_hidden_layers"])
-    out = {}
-    for name, w in tree_flatten(model.parameters()):
-        target = gguf_name(name_map, name)
-        if target is None:
+    params = tree_flatten(model.parameters())
+    for name, _ in params:  # every name is checked before the first tensor is converted
+        if gguf_name(name_map, name) is None:
             raise TossError(f"{source}: parameter {name} has no llama.cpp {arch} tensor")
-        array = np.array(w.astype(mx.float32))
-        out[target] = (name, to_gguf_layout(config, name, array))
-    return out
+    for name, w in params:
+        yield gguf_name(name_map, name), to_gguf_layout(config, name, np.array(w.astype(mx.float32)))
 
 
 def write_model_gguf(path: Path, model, config: dict[str, Any], model_dir: Path, quant: str,
@@ -371,7 +369,8 @@ def write_model_gguf(path: Path, model, config: dict[str, Any], model_dir: Path,
 
     arch = gguf_arch(config, source)
     tensors = model_tensors(model, config, arch, source)
-    writer = gguf.GGUFWriter(str(path), arch)
+    # use_temp_file: converted tensors go to a spooled temp file, not all into memory at once.
+    writer = gguf.GGUFWriter(str(path), arch, use_temp_file=True)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     ftype = gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
@@ -379,7 +378,7 @@ def write_model_gguf(path: Path, model, config: dict[str, Any], model_dir: Path,
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _hparams(writer, config, arch)
     add_tokenizer(writer, model_dir, config["vocab_size"])
-    for target, (_, array) in tensors.items():
+    for target, array in tensors:
         qtype = tensor_type(target, array, quant)
         writer.add_tensor(target, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
