@@ -21,7 +21,7 @@ from toss_mlx.export_gguf import CHECK_TEXT, chat_segments, export_gguf, render_
 from toss_mlx.io import TossError
 from toss_mlx.models.load import load_model
 
-ARCHS = ["llama", "qwen2", "gemma3_text"]
+ARCHS = ["llama", "mistral", "qwen2", "gemma3_text"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 
 
@@ -86,7 +86,7 @@ def test_fused_layout_and_metadata(arch, exports):
     kind, model, _, fused = arch
     config = json.loads((model / "config.json").read_text())
     reader = gguf_file(exports["f16"].out / "model-f16.gguf")
-    want_arch = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}[kind]
+    want_arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}[kind]
     assert field(reader, "general.architecture") == want_arch
     assert field(reader, "general.type") == "model"
     assert field(reader, f"{want_arch}.block_count") == 2
@@ -120,7 +120,7 @@ def test_fused_layout_and_metadata(arch, exports):
             for suffix in ("weight", "bias"):
                 names[f"model.layers.{i}.{hf}.{suffix}"] = f"blk.{i}.{gg}.{suffix}"
     assert set(got) == {names[n] for n in weights}, "every fused tensor, nothing else"
-    assert ("output.weight" in got) == (kind == "qwen2")  # llama and gemma3 here tie the head
+    assert ("output.weight" in got) == (kind == "qwen2")  # llama, mistral and gemma3 here tie the head
     if kind == "qwen2":
         assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= set(got)
 
@@ -129,7 +129,7 @@ def test_fused_layout_and_metadata(arch, exports):
         target = names[name]
         expected = w.astype(np.float32)
         role = target.split(".")[-2]
-        if kind == "llama" and role in heads:
+        if kind in ("llama", "mistral") and role in heads:
             expected = llama_cpp_rows(expected, heads[role])
         if kind == "gemma3_text" and name.endswith("norm.weight"):
             expected = 1.0 + expected
@@ -175,7 +175,7 @@ def test_lora_layout(arch, exports):
     assert field(reader, "general.type") == "adapter"
     assert field(reader, "adapter.type") == "lora"
     assert field(reader, "adapter.lora.alpha") == 8.0  # make_adapter's alpha (scale 2 x rank 4)
-    assert field(reader, "general.architecture") == {"gemma3_text": "gemma3"}.get(kind, kind)
+    assert field(reader, "general.architecture") == {"gemma3_text": "gemma3", "mistral": "llama"}.get(kind, kind)
     got = tensors(reader)
     mine = load_file(str(adapter / "adapters.safetensors"))
     assert len(got) == len(mine) == 2 * 2 * len(TARGETS)
@@ -190,7 +190,7 @@ def test_lora_layout(arch, exports):
             np.testing.assert_array_equal(got[target], w.T)  # (r, in), PEFT's lora_A
         else:
             expected = w.T  # (out, r): rows are the weight's output rows
-            if kind == "llama" and short[module] in heads:
+            if kind in ("llama", "mistral") and short[module] in heads:
                 expected = llama_cpp_rows(expected, heads[short[module]])
             np.testing.assert_array_equal(got[target], expected)
 
@@ -200,7 +200,7 @@ def test_llama_round_trip_through_model_import(arch, exports, tmp_path):
     from toss_mlx.models.gguf import import_gguf
 
     kind, model, adapter, _ = arch
-    if kind != "llama":
+    if kind not in ("llama", "mistral"):
         pytest.skip("model import reads llama GGUFs only (qwen2 / gemma3 import: issue 18)")
     reference, tokenizer = load_model(str(model), adapter_path=str(adapter), quiet=True)
     tokens = tokenizer.encode(CHECK_TEXT)[:32]  # the export's own check prompt
@@ -309,6 +309,8 @@ def test_refusals_write_nothing(tmp_path, tiny_model_dir, monkeypatch):
     refused("architecture 'phi3' cannot be exported to GGUF", lora, model=str(phi))
     (phi / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
     refused("RoPE scaling", lora, model=str(phi))
+    (phi / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": 4096}))
+    refused("Mistral with a sliding window", lora, model=str(phi))
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -76,7 +76,7 @@ def build_spm_tokenizer(folder: Path, vocab_size: int = 600) -> int:
 
 
 def build_arch_folder(folder: Path, model_type: str, seed: int = 0, spm: bool = False) -> Path:
-    """A tiny random mlx-lm model folder of `model_type` ("llama", "qwen2" or "gemma3_text").
+    """A tiny random mlx-lm model folder of `model_type` ("llama", "mistral", "qwen2", "gemma3_text").
 
     spm: (gemma3_text) a SentencePiece-style tokenizer (build_spm_tokenizer), as Gemma's own.
     """
@@ -84,8 +84,9 @@ def build_arch_folder(folder: Path, model_type: str, seed: int = 0, spm: bool = 
     from mlx.utils import tree_flatten
     from mlx_lm.models import gemma3_text, qwen2
 
-    if model_type == "llama":
-        return build_model_folder(folder, seed=seed)
+    if model_type in ("llama", "mistral"):  # mlx-lm runs mistral with its llama model
+        extra = {"model_type": "mistral", "sliding_window": None} if model_type == "mistral" else {}
+        return build_model_folder(folder, seed=seed, **extra)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = build_spm_tokenizer(folder) if spm else build_tokenizer(folder)
     config = dict(QWEN2 if model_type == "qwen2" else GEMMA3, vocab_size=vocab)

@@ -53,7 +53,8 @@ from .io import TossError, atomic_dir, write_text
 GGUF_FORMATS = ("gguf", "gguf-lora", "ollama")
 QUANTS = ("f16", "q8_0", "q4_k_m")
 # mlx-lm model_type -> llama.cpp architecture name (gguf.MODEL_ARCH_NAMES values).
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+# Mistral is llama's graph (mlx-lm runs it with llama.py; llama.cpp's converter writes it as llama).
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 # Text whose tokens the logit check runs on (any tokenizer covers it).
 CHECK_TEXT = "The capital of France is Paris. Natalia sold 48 clips in April, then half as many."
 # tokenizer.ggml.pre names for the pre-tokenizers llama.cpp implements (llama-vocab.cpp).
@@ -109,6 +110,9 @@ def gguf_arch(config: dict[str, Any], source: str) -> str:
                             "llama.cpp uses for this model size; the GGUF would attend differently")
         if not isinstance(pattern, int) or pattern < 1:
             raise TossError(f"{source}: sliding_window_pattern {pattern!r} is not a layer period")
+    if kind == "mistral" and config.get("sliding_window") is not None:
+        raise TossError(f"{source}: Mistral with a sliding window ({config['sliding_window']}) "
+                        "cannot be exported (llama.cpp's llama attends to the whole context)")
     if kind == "qwen2" and config.get("use_sliding_window"):
         raise TossError(f"{source}: qwen2 with use_sliding_window cannot be exported "
                         "(llama.cpp's qwen2 attends to the whole context)")
@@ -140,7 +144,7 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 def _qk_heads(config: dict[str, Any], name: str) -> int | None:
     """Heads whose rows llama.cpp permutes in this llama parameter, or None."""
-    if config.get("model_type") != "llama":
+    if ARCHS.get(config.get("model_type")) != "llama":
         return None
     if ".self_attn.q_proj." in name:
         return config["num_attention_heads"]
