@@ -434,3 +434,30 @@ def test_unknown_pre_tokenizer_is_refused_before_loading(tmp_path, tiny_model_di
     with pytest.raises(TossError, match="pre-tokenizer .*Whitespace.* matches none llama.cpp"):
         export_gguf(adapter, tmp_path / "out", model=str(model))
     assert not (tmp_path / "out").exists()
+
+
+def test_multimodal_gemma3_exports_its_text_model(tmp_path):
+    """mlx-lm's multimodal Gemma 3 (text model under language_model) gives the text model's GGUF."""
+    from mlx_lm.utils import load
+
+    from toss_mlx.export_gguf import write_model_gguf
+
+    text = build_arch_folder(tmp_path / "text", "gemma3_text")
+    wrapped = build_arch_folder(tmp_path / "wrapped", "gemma3")  # same seed: the same weights
+    for folder in (text, wrapped):
+        model, _, config = load(str(folder), return_config=True)
+        write_model_gguf(tmp_path / f"{folder.name}.gguf", model, config, folder, "f16", "x", "test")
+    a, b = gguf_file(tmp_path / "text.gguf"), gguf_file(tmp_path / "wrapped.gguf")
+    assert field(b, "general.architecture") == "gemma3"
+    for key in ("gemma3.block_count", "gemma3.attention.key_length", "gemma3.rope.freq_base_swa",
+                "gemma3.attention.sliding_window_pattern", "tokenizer.ggml.add_bos_token"):
+        assert field(a, key) == field(b, key), key
+    ta, tb = tensors(a), tensors(b)
+    assert set(ta) == set(tb) and all(np.array_equal(ta[k], tb[k]) for k in ta)
+
+    adapter = make_adapter(wrapped, tmp_path / "adapter", targets=("q_proj", "down_proj"))
+    assert all(k.startswith("language_model.") for k in load_file(str(adapter / "adapters.safetensors")))
+    export_gguf(adapter, tmp_path / "lora", fmt="gguf-lora", model=str(wrapped))
+    names = set(tensors(gguf_file(tmp_path / "lora" / "adapter.gguf")))
+    assert names == {f"blk.{i}.{t}.weight.lora_{ab}" for i in (0, 1) for t in ("attn_q", "ffn_down")
+                     for ab in "ab"}

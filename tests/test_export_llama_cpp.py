@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs llama-cpp-python (a source build of llama.cpp: "
            "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python)")
 
-ARCHS = ["llama", "mistral", "qwen2", "gemma3_text", "gemma3_spm"]  # gemma3_spm: a Gemma-style SentencePiece tokenizer
+# gemma3_spm: a Gemma-style SentencePiece tokenizer; gemma3: mlx-lm's multimodal wrapper (text exported)
+ARCHS = ["llama", "mistral", "qwen2", "gemma3_text", "gemma3_spm", "gemma3"]
 TEXT = CHECK_TEXT + " Caf\u00e9 \u00a35, 3..3  spaces\n\nnew lines"  # byte fallback, runs of spaces
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 STEPS = 20

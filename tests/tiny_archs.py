@@ -84,6 +84,19 @@ def build_arch_folder(folder: Path, model_type: str, seed: int = 0, spm: bool = 
     from mlx.utils import tree_flatten
     from mlx_lm.models import gemma3_text, qwen2
 
+    if model_type == "gemma3":  # the multimodal wrapper mlx-lm loads: text model under language_model
+        import mlx.core as mx
+
+        build_arch_folder(folder, "gemma3_text", seed=seed, spm=spm)
+        text = json.loads((folder / "config.json").read_text())
+        weights = mx.load(str(folder / "model.safetensors"))
+        mx.save_safetensors(str(folder / "model.safetensors"),
+                            {f"language_model.{k}": v for k, v in weights.items()})
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "gemma3", "text_config": {k: v for k, v in text.items() if k != "vocab_size"},
+            "vocab_size": text["vocab_size"], "eos_token_id": text["eos_token_id"],
+            "bos_token_id": text["bos_token_id"]}))
+        return folder
     if model_type in ("llama", "mistral"):  # mlx-lm runs mistral with its llama model
         extra = {"model_type": "mistral", "sliding_window": None} if model_type == "mistral" else {}
         return build_model_folder(folder, seed=seed, **extra)

@@ -55,6 +55,7 @@ QUANTS = ("f16", "q8_0", "q4_k_m")
 # mlx-lm model_type -> llama.cpp architecture name (gguf.MODEL_ARCH_NAMES values).
 # Mistral is llama's graph (mlx-lm runs it with llama.py; llama.cpp's converter writes it as llama).
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+# ("gemma3", the multimodal Gemma 3, exports its text model: text_config.)
 # Text whose tokens the logit check runs on (any tokenizer covers it).
 CHECK_TEXT = "The capital of France is Paris. Natalia sold 48 clips in April, then half as many."
 # tokenizer.ggml.pre names for the pre-tokenizers llama.cpp implements (llama-vocab.cpp).
@@ -371,6 +372,8 @@ def write_model_gguf(path: Path, model, config: dict[str, Any], model_dir: Path,
     """Write `model` (float weights, mlx-lm names) as a llama.cpp GGUF of type f16 or q8_0."""
     import gguf
 
+    if config.get("model_type") == "gemma3":  # multimodal Gemma 3: its text model
+        model, config = model.language_model, text_config(config)
     arch = gguf_arch(config, source)
     tensors = model_tensors(model, config, arch, source)
     # use_temp_file: converted tensors go to a spooled temp file, not all into memory at once.
@@ -472,7 +475,7 @@ def lora_tensors(adapter: Adapter, config: dict[str, Any], arch: str,
     out = {}
     for path, leaves in adapter.modules.items():
         leaf = path.rsplit(".", 1)[-1]
-        target = gguf_name(name_map, f"{path}.weight")
+        target = gguf_name(name_map, f"{path.removeprefix(TEXT_PREFIX)}.weight")
         if target is None or leaf == "embed_tokens" or target.startswith("token_embd"):
             raise TossError(f"{adapter.folder}: {path} has no llama.cpp {arch} LoRA tensor "
                             "(only the layers' linear projections and an untied lm_head do); "
@@ -794,6 +797,8 @@ def _load_fused(model_spec: str, adapter_dir: Path):
                           if mx.issubdtype(w.dtype, mx.floating) else w, model.parameters()))
     config.pop("quantization", None)
     config.pop("quantization_config", None)
+    if config.get("model_type") == "gemma3":
+        model, config = model.language_model, text_config(config)
     return model, tokenizer, config, path, quantized
 
 
@@ -803,7 +808,29 @@ def _read_config(model_spec: str) -> tuple[dict[str, Any], Path]:
     path = Path(resolve_model_path(model_spec))
     if not (path / "config.json").exists():
         raise TossError(f"{model_spec}: needs a local model folder (config.json) for a GGUF export")
-    return json.loads((path / "config.json").read_text()), path
+    return text_config(json.loads((path / "config.json").read_text())), path
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: a multimodal Gemma 3 ("gemma3") exports its text model.
+
+    llama.cpp's converter does the same (the vision tower goes to a separate mmproj file).
+    Its text_config omits defaults, so they are filled in by mlx-lm's own ModelArgs.
+    """
+    if config.get("model_type") != "gemma3" or not isinstance(config.get("text_config"), dict):
+        return config
+    import dataclasses
+
+    from mlx_lm.models import gemma3, gemma3_text
+
+    args = gemma3.ModelArgs.from_dict(config)  # sets the text model's vocab size and heads
+    text = dataclasses.asdict(gemma3_text.ModelArgs.from_dict(args.text_config))
+    text.update(model_type="gemma3_text", eos_token_id=config.get("eos_token_id"),
+                bos_token_id=config.get("bos_token_id"))
+    return text
+
+
+TEXT_PREFIX = "language_model."  # mlx-lm's multimodal Gemma 3 keeps its text model here
 
 
 def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "gguf",
