@@ -9,12 +9,14 @@ as one of theirs:
   HF's rotate-half RoPE layout to interleaved pairs; `models/gguf.py` undoes that
   on import, we apply it here. A LoRA's B rows (the output side) get the same
   permutation, its A does not.
+  Mistral (without a sliding window) is written as llama, as llama.cpp does.
 - qwen2: q/k/v carry biases, no permutation.
 - gemma3: llama.cpp stores RMSNorm weights as 1 + w (Gemma multiplies by 1 + w),
-  so 1 is added to every `*norm.weight`.
+  so 1 is added to every `*norm.weight`; a multimodal Gemma 3 exports its text model.
 - The tokenizer is written as `tokenizer.ggml.*` from the model folder's
   tokenizer.json: byte-level BPE as model "gpt2" (tokens, token types, merges)
-  with the `tokenizer.ggml.pre` name whose split rules match the pre-tokenizer,
+  with the `tokenizer.ggml.pre` name whose split rules match the pre-tokenizer;
+  SentencePiece-style BPE (Gemma's) as model "llama" (tokens, scores, types);
   plus the chat template and special token ids (gguf.SpecialVocab).
 
 Precision: norms and biases stay F32 (as llama.cpp's converter keeps them);
