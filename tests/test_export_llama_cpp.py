@@ -119,8 +119,10 @@ def test_quantized_gguf_in_llama_cpp(case, quant):
     if quant == "q4_k_m":
         import gguf
 
-        kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(root / quant / "model-q4_k_m.gguf")).tensors}
-        assert kinds - {"F32"} and kinds <= {"F32", "Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_0", "Q5_1", "Q4_1", "F16"}
+        kinds = [t.tensor_type.name for t in gguf.GGUFReader(str(root / quant / "model-q4_k_m.gguf")).tensors]
+        assert {k: kinds.count(k) for k in set(kinds)} == result.tensor_types
+        # The tiny models' rows (64 or 128 values) are too short for K-quants: llama.cpp falls back.
+        assert set(kinds) <= {"F32", "Q5_0", "Q8_0"} and any("fallback" in n for n in result.notes)
 
 
 def test_base_gguf_plus_lora_gguf_in_llama_cpp(case):
@@ -184,3 +186,20 @@ def test_smollm2_lora_gguf_on_the_wheels_own_gguf(smollm2_dir, tmp_path):
     llm = llama(source_file("smollm2-135m-instruct"), lora=tmp_path / "lora" / "adapter.gguf")
     # llama.cpp rounds the activations to 8 bits for its Q4_1 dot products: a looser bound.
     assert_close_logits(cpp_logits(llm, tokens), mlx_logits(reference, tokens), 0.25)
+
+
+def test_q4_k_m_uses_k_quants_where_rows_allow(tmp_path):
+    """Rows of 256 values: Q4_K for most weights, Q6_K where llama.cpp's Q4_K_M mix puts more bits."""
+    from tiny import build_model_folder
+
+    model = build_model_folder(tmp_path / "model", hidden_size=256, intermediate_size=512)
+    adapter = make_adapter(model, tmp_path / "adapter", targets=("q_proj", "v_proj"))
+    result = export_gguf(adapter, tmp_path / "q4", model=str(model), quant="q4_k_m")
+    types = result.tensor_types
+    assert types.get("Q4_K", 0) > 0 and types.get("Q6_K", 0) > 0, types
+    assert set(types) <= {"F32", "Q4_K", "Q6_K"} and not result.notes
+    reference, tokenizer = load_model(str(model), adapter_path=str(adapter), quiet=True)
+    tokens = check_prompt(tokenizer)
+    expected = mlx_logits(reference, tokens)
+    got = cpp_logits(llama(tmp_path / "q4" / "model-q4_k_m.gguf"), tokens)
+    assert np.abs(got - expected).max() < result.max_logit_diff + 0.1 * expected.std()

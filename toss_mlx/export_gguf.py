@@ -78,6 +78,7 @@ class GGUFExport:
     quant: str = ""
     max_logit_diff: float | None = None  # |logits(file) - logits(float model)|, max over the prompt
     top1_agreement: float | None = None  # share of prompt positions with the same argmax
+    tensor_types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
     base_quantized: bool = False  # the MLX base was quantized: its fused sum is requantized here
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -406,7 +407,10 @@ def llama_cpp_quantize(src: Path, dst: Path, quant: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # llama.cpp logs every tensor to the terminal
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise TossError(f"{src}: llama.cpp's quantizer failed (code {rc})")
 
@@ -424,16 +428,17 @@ def _require_llama_cpp(quant: str) -> None:
 # Read-back check
 
 
-def read_gguf_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a GGUF, dequantized to float32 in numpy's (rows, cols) order."""
+def read_gguf_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """(every tensor of a GGUF dequantized to float32 in numpy's (rows, cols) order, type counts)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    out = {}
+    out, kinds = {}, {}
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml's ne is innermost-first
         out[t.name] = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-    return out
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    return out, kinds
 
 
 def check_prompt(tokenizer) -> list[int]:
@@ -441,8 +446,8 @@ def check_prompt(tokenizer) -> list[int]:
 
 
 def readback_logit_diff(model, config: dict[str, Any], arch: str, path: Path,
-                        tokens: list[int]) -> tuple[float, float]:
-    """(max |logit difference|, top-1 agreement) of the GGUF's weights against `model`'s.
+                        tokens: list[int]) -> tuple[float, float, dict[str, int]]:
+    """(max |logit difference|, top-1 agreement, tensor type counts) of the GGUF against `model`.
 
     Puts the file's dequantized weights into `model` in place (it is not used after).
     """
@@ -452,14 +457,15 @@ def readback_logit_diff(model, config: dict[str, Any], arch: str, path: Path,
 
     by_gguf = {gguf_name(name_map, n): n for n, _ in tree_flatten(model.parameters())}
     weights = []
-    for target, array in read_gguf_tensors(path).items():
+    arrays, kinds = read_gguf_tensors(path)
+    for target, array in arrays.items():
         name = by_gguf[target]
         weights.append((name, mx.array(from_gguf_layout(config, name, array))))
     model.load_weights(weights, strict=True)
     got = np.array(model(mx.array(tokens)[None]).astype(mx.float32))[0]
     diff = float(np.abs(got - reference).max())
     agree = float((got.argmax(-1) == reference.argmax(-1)).mean())
-    return diff, agree
+    return diff, agree, kinds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -894,8 +900,15 @@ def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str
             llama_cpp_quantize(first, tmp / gguf_file, quant)
             first.unlink()
         tokens = check_prompt(tokenizer)
-        result.max_logit_diff, result.top1_agreement = readback_logit_diff(
+        result.max_logit_diff, result.top1_agreement, result.tensor_types = readback_logit_diff(
             fused, config, arch, tmp / gguf_file, tokens)
+        if quant == "q4_k_m" and (fallback := {k: n for k, n in result.tensor_types.items()
+                                               if k not in ("Q4_K", "Q6_K", "F32")}):
+            result.notes.append(
+                "llama.cpp's K-quants need rows of a multiple of 256 values, so "
+                + " and ".join(f"{n} tensors are {k}" for k, n in sorted(fallback.items()))
+                + " (its fallback), next to "
+                + " and ".join(f"{result.tensor_types.get(k, 0)} {k}" for k in ("Q4_K", "Q6_K")))
         if fmt == "ollama":
             write_text(tmp / "Modelfile", render_modelfile(gguf_file, segs, stops, system_prompt))
         result.files = {p.name: p.stat().st_size for p in tmp.iterdir()}
