@@ -313,7 +313,8 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
             "",
             "llama.cpp (convert to a GGUF adapter next to a GGUF of the same base; "
             "LoRA only" + (": merge this DoRA adapter into the model first" if adapter.dora else "")
-            + "):",
+            + "; `toss-mlx export ADAPTER --format gguf-lora` writes that GGUF directly, "
+            "`--format gguf` the fused model):",
             "",
             "```sh",
             "python convert_lora_to_gguf.py THIS_FOLDER --base BASE_MODEL_HF_FOLDER "
