@@ -45,8 +45,8 @@ import numpy as np
 from .export import (
     README_MARK,
     Adapter,
-    _is_export,
     check_output,
+    is_earlier_output,
     read_adapter,
     recorded_base_model,
 )
@@ -860,13 +860,13 @@ def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str
     config, model_dir = _read_config(base_model)
     check_output(out, model_dir)
     arch = gguf_arch(config, base_model)
-    if out.exists() and any(out.iterdir()) and not _is_export(out):
+    if out.exists() and any(out.iterdir()) and not is_earlier_output(out):
         raise TossError(f"{out}: folder exists and holds other files; choose another --out or empty it")
     label = name or f"{model_dir.name}-toss"
     result = GGUFExport(out, fmt, arch=arch, quant=quant if fmt != "gguf-lora" else "f32")
     if fmt == "gguf-lora":
         lora_tensors(adapter, config, arch, base_model)  # refuses DoRA, embeddings, tied heads
-        with atomic_dir(out, replaceable=_is_export) as tmp:
+        with atomic_dir(out, replaceable=is_earlier_output) as tmp:
             write_lora_gguf(tmp / "adapter.gguf", adapter, config, base_model, label)
             result.files = {"adapter.gguf": (tmp / "adapter.gguf").stat().st_size}
             result.seconds = time.perf_counter() - start
@@ -893,7 +893,7 @@ def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str
             + ("written in f16" if quant == "f16" else f"requantized to {quant}, which shifts the "
                "logits (see the read-back difference)"))
     gguf_file = f"model-{quant}.gguf"
-    with atomic_dir(out, replaceable=_is_export) as tmp:
+    with atomic_dir(out, replaceable=is_earlier_output) as tmp:
         first = tmp / ("model-f16.tmp.gguf" if quant == "q4_k_m" else gguf_file)
         write_model_gguf(first, fused, config, model_dir, quant, label, base_model)
         if quant == "q4_k_m":
