@@ -10,7 +10,8 @@ import typer
 
 from .common import app, friendly
 
-model_app = typer.Typer(help="Get models: pull the built-in ones, import llama GGUF files.",
+model_app = typer.Typer(help="Get models: pull the built-in ones, import GGUF files (llama, qwen2, qwen3, "
+                        "gemma3, phi3).",
                         no_args_is_help=True)
 app.add_typer(model_app, name="model", rich_help_panel="Setup")
 
@@ -19,10 +20,11 @@ class Dtype(str, Enum):  # the choices of toss_mlx.models.gguf.IMPORT_DTYPES, fo
     float32 = "float32"
     bfloat16 = "bfloat16"
     q4 = "q4"
+    q8 = "q8"
 
 
-DTYPE_HELP = ("Weights to write: float32 (the CPU default), bfloat16, or q4 (MLX 4-bit, group 64: "
-              "for Metal/CUDA GPUs; the CPU dequantizes it at load time).")
+DTYPE_HELP = ("Weights to write: float32 (the CPU default), bfloat16, or q4 / q8 (MLX affine 4- / 8-bit, "
+              "group 64: for Metal/CUDA GPUs, QLoRA; the CPU dequantizes it at load time).")
 
 
 @model_app.command("pull")
@@ -42,8 +44,8 @@ def pull(
 @model_app.command("import")
 @friendly
 def import_(
-    gguf: Path = typer.Argument(..., help="A llama-architecture GGUF file with Q4_0, Q4_1, Q8_0, "
-                                "F16 or F32 tensors and a byte-level BPE tokenizer."),
+    gguf: Path = typer.Argument(..., help="A GGUF file (llama, qwen2, qwen3, gemma3 or phi3; any tensor "
+                                "type the gguf package decodes, K-quants included), e.g. an Ollama blob."),
     out: Path = typer.Option(..., "--out", "-o", help="mlx-lm model folder to write (an existing "
                              "model folder is replaced atomically; any other non-empty folder is refused)."),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help=DTYPE_HELP),
