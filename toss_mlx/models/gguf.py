@@ -262,7 +262,7 @@ def model_config(path: Path, meta: dict[str, Any], tensors: dict[str, Any]) -> d
     head_dim = get("attention.key_length", hidden // heads)
     layers = need("block_count")
     found = {int(m[1]) for name in tensors if (m := re.match(r"blk\.(\d+)\.", name))}
-    if found != set(range(layers)):
+    if len(found) != layers or found != set(range(layers)):  # the length first: block_count may be 10**9
         raise TossError(f"{path}: {arch}.block_count is {layers} but the file holds tensors for "
                         f"{len(found)} blocks")
     if heads % kv_heads:
