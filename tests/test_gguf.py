@@ -269,14 +269,14 @@ def test_bos_is_added_when_the_file_asks_for_it(tiny_model_dir):
 # A SentencePiece vocabulary in llama.cpp's layout (Gemma-like: specials first, byte tokens,
 # then pieces scored by rank); merges are derived from the scores.
 SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "▁hello", "▁w", "or",
-              "▁wor", "ld", "▁world", "\n\n"]
+              "▁wor", "ld", "▁world", "  ", "\n\n"]  # "  ": Gemma stores runs of spaces as spaces
 
 
 def spm_metadata(add_space_prefix: bool = False) -> dict:
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     tokens = specials + byte_tokens + SPM_PIECES
-    types = [3] * 4 + [6] * 256 + [1] * (len(SPM_PIECES) - 1) + [4]
+    types = [3] * 4 + [6] * 256 + [1] * (len(SPM_PIECES) - 2) + [4, 4]
     scores = [-1000.0] * 4 + [0.0] * 256 + [-float(i) for i in range(len(SPM_PIECES))]
     return {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.scores": scores,
@@ -307,7 +307,7 @@ def test_sentencepiece_tokenizer_agrees_with_transformers():
     theirs, _ = mapping.convert_gguf_tokenizer("gemma3", {
         "tokenizer_type": "llama", "tokens": meta["tokenizer.ggml.tokens"],
         "scores": meta["tokenizer.ggml.scores"], "token_type": meta["tokenizer.ggml.token_type"]})
-    for text in ("hello world", "world hello\n\nhello", "hé wor ld", "  hello"):
+    for text in ("hello world", "world hello\n\nhello", "hé wor ld", "  hello", "hello  world   hello"):
         assert tok.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False).ids
 
 

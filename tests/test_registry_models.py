@@ -159,3 +159,25 @@ def test_gemma_perplexity_and_bos(gemma):
     assert len(tokenizer.get_vocab()) == 262144
     ppl = perplexity(model, ids)
     assert ppl < 10, ppl
+
+
+TOKENIZER_TEXTS = [PARAGRAPH, "def f(x):\n    return x**2  # square\n\n\tTabs  and  spaces",
+                   "Prices rose 12345% in 2024! émojis 🙂 ÅÉÎ naïve café", "  leading spaces",
+                   "a    b     c      d", "日本語のテキスト、中文文本。", "x\n\n\n  y",
+                   "<start_of_turn>user\nHi<end_of_turn>\n", "<|im_start|>user\nHi<|im_end|>\n"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct", "gemma3-270m"])
+def test_tokenizer_agrees_with_transformers_gguf_converter(name, tmp_path):
+    """The folder's tokenizer.json against transformers' own converter, on the same GGUF."""
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    from tokenizers import Tokenizer
+
+    folder = pulled(name)
+    registry._concatenate(registry.source_files(name), tmp_path / "model.gguf")
+    architecture, fields, _ = mapping.get_gguf_tokenizer(str(tmp_path / "model.gguf"))
+    theirs, _ = mapping.convert_gguf_tokenizer(architecture, fields)
+    ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False).ids, text

@@ -490,10 +490,13 @@ def build_tokenizer(path: Path, meta: dict[str, Any]):
     else:
         tok, spelled = _sentencepiece_bpe(path, meta, tokens, token_types)
 
-    # Control tokens (<|im_end|>) and user-defined ones ("\n\n" in Gemma) are matched whole.
-    kinds = list(zip(spelled, token_types, strict=True))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in kinds if k == CONTROL_TOKEN])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in kinds if k == USER_DEFINED_TOKEN])
+    # Control tokens (<|im_end|>) and user-defined ones ("\n\n" in Gemma) are matched whole;
+    # Gemma's respelled runs of spaces ("▁▁") are left to the merges.
+    kinds = list(zip(spelled, token_types, tokens, strict=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k, _ in kinds if k == CONTROL_TOKEN])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k, o in kinds if k == USER_DEFINED_TOKEN and t == o])
 
     def token(role: str) -> str | None:
         i = _token_id(path, meta, role, len(tokens))
@@ -587,7 +590,10 @@ def _sentencepiece_bpe(path: Path, meta: dict[str, Any], tokens: list[str], toke
         scores = meta.get("tokenizer.ggml.scores")
         if not isinstance(scores, list) or len(scores) != len(tokens):
             raise TossError(f"{path}: a SentencePiece vocabulary needs tokenizer.ggml.scores, one per token")
-        pairs = _merges_from_scores(spelled, scores, token_types)
+        # Normal tokens, and Gemma's runs of spaces (marked user-defined, but built by merges).
+        mergeable = [k == NORMAL_TOKEN or t != o for k, t, o in zip(token_types, spelled, tokens, strict=True)]
+        by_position = str(meta.get("general.architecture", "")).startswith("gemma")
+        pairs = _merges_from_scores(spelled, scores, mergeable, by_position)
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = spelled[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(spelled) else None
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
@@ -602,16 +608,21 @@ def _sentencepiece_bpe(path: Path, meta: dict[str, Any], tokens: list[str], toke
     return tok, spelled
 
 
-def _merges_from_scores(tokens: list[str], scores: list[float], token_types: list[int]) -> list[tuple[str, str]]:
-    """Every split of a normal token into two vocabulary tokens, best-scoring token first."""
-    vocab = {t: i for i, t in enumerate(tokens) if token_types[i] in (NORMAL_TOKEN, USER_DEFINED_TOKEN)}
+def _merges_from_scores(tokens: list[str], scores: list[float], mergeable: list[bool],
+                        by_position: bool) -> list[tuple[str, str]]:
+    """Every split of a mergeable token into two vocabulary tokens, best token first.
+
+    Best: highest score, or for Gemma earliest in the file (its scores do not follow its
+    merge order, as transformers' GGUF converter notes; they agree for normal tokens).
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
     ranked = []
     for token, i in vocab.items():
-        if token_types[i] != NORMAL_TOKEN:
+        if not mergeable[i]:
             continue
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
             if left in vocab and right in vocab:
-                ranked.append((-scores[i], i, vocab[left], left, right))
+                ranked.append((i if by_position else -scores[i], i, vocab[left], left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
