@@ -19,6 +19,15 @@ app = typer.Typer(
 )
 
 
+# The model-loading options, spelled and explained the same in every command that loads
+# a model (train, score, eval, refine; fuse has --keep-quantized/--dequantize).
+DTYPE_HELP = ("Compute dtype: float32, bfloat16 or float16 (default: float32 on a CPU, "
+              "bfloat16 on a GPU or with --keep-quantized).")
+KEEP_QUANTIZED_HELP = ("Keep a quantized base quantized (QLoRA) on any device, computing in "
+                       "bfloat16 unless --dtype says otherwise: the path a Mac takes. By default "
+                       "the CPU dequantizes (its quantized and 16-bit matmuls are slow).")
+
+
 def friendly(fn):
     """Turn TossError (bad input) into a one-line message and exit code 2, no traceback."""
 

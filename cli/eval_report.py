@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import app, friendly
+from .common import DTYPE_HELP, KEEP_QUANTIZED_HELP, app, friendly
 
 
 @app.command("eval", rich_help_panel="Results")
@@ -33,6 +33,8 @@ def eval_command(
         None, help="An mlx-lm chat model that rates each harmful answer 1-5 (mean and share at 5)."),
     batch_size: int = typer.Option(None, help="Answers decoded together (default: 16)."),
     max_prompts: int = typer.Option(None, help="Use the first N prompts of each file (default: all)."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    keep_quantized: bool = typer.Option(None, "--keep-quantized", help=KEEP_QUANTIZED_HELP),
     config: Path = typer.Option(None, "--config", "-c",
                                 help="YAML of eval settings (model, adapters, harmful, benign, edgy, decode, top_p, ...); flags win."),
     overrides: list[str] = typer.Option(None, "--set", help="Override any eval setting: "
@@ -51,7 +53,7 @@ def eval_command(
         "model": model, "harmful": harmful and str(harmful), "benign": benign and str(benign),
         "edgy": edgy and str(edgy), "max_new_tokens": max_new_tokens, "decode": decode,
         "seed": seed, "template": template, "judge": judge, "batch_size": batch_size,
-        "max_prompts": max_prompts,
+        "max_prompts": max_prompts, "dtype": dtype, "keep_quantized": keep_quantized,
         "adapters": parse_adapters(adapter) or None, "include_base": False if no_base else None,
     }
     settings = layered_settings(EvalSettings, config, parse_overrides(overrides or []),

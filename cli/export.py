@@ -61,14 +61,15 @@ def fuse(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="mlx-lm adapter folder to merge."),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (config, weights, "
                              "tokenizer), loadable by mlx_lm.load."),
-    dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even when "
-                                    "the base is quantized (default: requantize like the base)."),
+    keep_quantized: bool = typer.Option(True, "--keep-quantized/--dequantize", help="A quantized "
+                                        "base: requantize the fused weights like the base "
+                                        "(default), or write float weights (--dequantize)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
 ) -> None:
     """Merge an adapter into its base model and write an mlx-lm model folder."""
     from toss_mlx.fuse import fuse_adapter
 
-    result = fuse_adapter(model, adapter, out, dequantize=dequantize)
+    result = fuse_adapter(model, adapter, out, dequantize=not keep_quantized)
     if not quiet:
         typer.echo(f"fused {result.fused_modules} modules into {out} "
                    f"({'quantized' if result.quantized else 'float weights'})")

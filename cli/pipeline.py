@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import app, friendly
+from .common import DTYPE_HELP, KEEP_QUANTIZED_HELP, app, friendly
 
 
 @app.command("run", rich_help_panel="The whole method")
@@ -61,6 +61,8 @@ def refine(
     config: Path = typer.Option(None, "--config", "-c", help="YAML of train settings for the "
                                 "safety models (epochs, lr, LoRA...), as for `toss-mlx train`."),
     set_: list[str] = typer.Option([], "--set", help="Override a train setting (key=value)."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    keep_quantized: bool = typer.Option(None, "--keep-quantized", help=KEEP_QUANTIZED_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """TOSS-Pro: grow the harmful set with the riskiest custom samples and retrain the safety model."""
@@ -71,7 +73,8 @@ def refine(
     from toss_mlx.train import load_settings
 
     train = load_settings(str(config) if config else None, parse_overrides(set_),
-                          model=model, data=harmful, quiet=quiet)
+                          model=model, data=harmful, quiet=quiet, dtype=dtype,
+                          keep_quantized=keep_quantized)
     result = refine(RefineSettings(data=data, harmful=harmful, utility=utility, out=out, train=train,
                                    rounds=rounds, k=k, safety=safety, retrain=retrain, ratio=ratio,
                                    quiet=quiet))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import app, friendly
+from .common import DTYPE_HELP, KEEP_QUANTIZED_HELP, app, friendly
 
 
 @app.command("score", rich_help_panel="Step by step")
@@ -34,6 +34,8 @@ def score(
                                       "loss_utility and compute only the safety side."),
     skip_bad_rows: bool = typer.Option(None, "--skip-bad-rows", help="Skip malformed rows "
                                        "(listed in the summary) instead of stopping."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    keep_quantized: bool = typer.Option(None, "--keep-quantized", help=KEEP_QUANTIZED_HELP),
     config: str = typer.Option(None, "--config", "-c", help="YAML file with any of these "
                                "settings (and flush_seconds, fmt); flags override it."),
     overrides: list[str] = typer.Option(None, "--set", help="Override any setting: key=value, "
@@ -53,7 +55,8 @@ def score(
 
     flags = {"model": model, "utility": utility, "safety": safety, "data": data, "out": out,
              "batch_tokens": batch_tokens, "template": template, "max_seq_len": max_seq_len,
-             "reuse_utility": reuse_utility, "skip_bad_rows": skip_bad_rows, "quiet": quiet}
+             "reuse_utility": reuse_utility, "skip_bad_rows": skip_bad_rows, "quiet": quiet,
+             "dtype": dtype, "keep_quantized": keep_quantized}
     settings = layered_settings(ScoreSettings, config, parse_overrides(overrides or []),
                                 flags,
                                 required=("model", "utility", "safety", "data"),

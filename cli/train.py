@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import app, friendly
+from .common import DTYPE_HELP, KEEP_QUANTIZED_HELP, app, friendly
 
 
 @app.command("train", rich_help_panel="Step by step")
@@ -54,6 +54,8 @@ def train(
                                   "sample: mean per sample, then over samples (the official code)."),
     seed: int = typer.Option(None, "--seed", help="Seed for LoRA init, data order and dropout "
                              "(default 42)."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    keep_quantized: bool = typer.Option(None, "--keep-quantized", help=KEEP_QUANTIZED_HELP),
     resume: bool = typer.Option(None, "--resume", help="Continue the run in OUT from its last "
                                 "checkpoint: same data order, same step, same optimizer state."),
     overwrite: bool = typer.Option(None, "--overwrite", help="Start over in an OUT that already "
@@ -77,7 +79,8 @@ def train(
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule,
         warmup=warmup, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
         num_layers=num_layers, dora=dora, max_seq_len=max_seq_len, template=template,
-        loss_norm=loss_norm, seed=seed, resume=resume, overwrite=overwrite, quiet=quiet)
+        loss_norm=loss_norm, seed=seed, dtype=dtype, keep_quantized=keep_quantized,
+        resume=resume, overwrite=overwrite, quiet=quiet)
     result = run_training(settings)
     if not settings.quiet and result.model is not None:
         typer.echo(result.summary())

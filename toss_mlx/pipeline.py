@@ -80,6 +80,9 @@ class Recipe:
     template: Literal["chat", "plain"] = "chat"
     max_seq_len: int = 2048
     seed: int = 42
+    # How every stage loads the model (`toss-mlx train --dtype/--keep-quantized`); None: the device's.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    keep_quantized: bool = False
     data: DataFiles = field(default_factory=DataFiles)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: dict[str, Any] = field(default_factory=dict)  # settings of `toss-mlx train` (final)
@@ -136,7 +139,8 @@ def _train_settings(recipe: Recipe, extra: dict[str, Any], base: Path, data: str
     from .train import TrainSettings
 
     layer = {"model": recipe.model, "template": recipe.template, "max_seq_len": recipe.max_seq_len,
-             "seed": recipe.seed, "lora": dataclasses.asdict(recipe.lora)}
+             "seed": recipe.seed, "lora": dataclasses.asdict(recipe.lora),
+             "dtype": recipe.dtype, "keep_quantized": recipe.keep_quantized}
     layer.update({"data": data, "out": out, "quiet": True})
     return build_config(TrainSettings, layer, recipe.train if extra is recipe.reference else {},
                         extra, more, source="recipe")
@@ -243,6 +247,8 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
     scores, mask = run_dir / "score" / "scores.safetensors", run_dir / "select" / "mask.safetensors"
     final_dir = run_dir / "final" / "adapter"
     stages: list[Stage] = []
+    # In the score and eval stages' keys only when set, so that earlier run folders keep theirs.
+    loading = {k: v for k, v in (("dtype", recipe.dtype), ("keep_quantized", recipe.keep_quantized)) if v}
 
     if recipe.data.prepare:
         def run_prepare(out: Path, resume: bool) -> dict[str, Path]:
@@ -280,7 +286,8 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
                     "rounds": refine_dir / "rounds.json"}
         stages.append(Stage("refine", {"toss": dataclasses.asdict(recipe.toss), "data": custom,
                                        "harmful": data("harmful"), "utility": utility_dir,
-                                       "safety": safety_dir, "reference": recipe.reference},
+                                       "safety": safety_dir, "reference": recipe.reference,
+                                       **loading},
                             run_refine))
 
     def run_score(out: Path, resume: bool) -> dict[str, Path]:
@@ -289,11 +296,11 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
         score(ScoreSettings(model=recipe.model, utility=str(utility_dir), safety=str(final_safety),
                             data=str(custom), out=str(scores), template=recipe.template,
                             max_seq_len=recipe.max_seq_len, batch_tokens=recipe.toss.batch_tokens,
-                            quiet=True))
+                            quiet=True, **loading))
         return {"scores": scores}
     stages.append(Stage("score", {"model": recipe.model, "utility": utility_dir, "safety": final_safety,
                                   "data": custom, "template": recipe.template,
-                                  "max_seq_len": recipe.max_seq_len}, run_score))
+                                  "max_seq_len": recipe.max_seq_len, **loading}, run_score))
 
     def run_select(out: Path, resume: bool) -> dict[str, Path]:
         from .select import select
@@ -316,11 +323,11 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
                              template=recipe.template, max_seq_len=recipe.max_seq_len,
                              max_new_tokens=recipe.eval.max_new_tokens, decode=recipe.eval.decode,
                              batch_size=recipe.eval.batch_size, judge=recipe.eval.judge,
-                             **{k: str(v) for k, v in evals.items() if v})
+                             **{k: str(v) for k, v in evals.items() if v}, **loading)
             evaluate(s, out / "eval.json", quiet=True)
             return {"eval": out / "eval.json"}
         stages.append(Stage("eval", {"final": final_dir, "eval": dataclasses.asdict(recipe.eval),
-                                     **evals}, run_eval))
+                                     **evals, **loading}, run_eval))
 
     def run_report(out: Path, resume: bool) -> dict[str, Path]:
         from .report import ReportInputs, build_report

@@ -113,7 +113,8 @@ def _score(s: RefineSettings, safety: Path, out: Path) -> Scores:
         score(ScoreSettings(model=s.train.model, utility=s.utility, safety=str(safety), data=s.data,
                             out=str(out), template=s.train.template,
                             max_seq_len=s.train.max_seq_len, batch_tokens=s.batch_tokens,
-                            quiet=s.quiet,
+                            quiet=s.quiet, dtype=s.train.dtype,
+                            keep_quantized=s.train.keep_quantized,
                             reuse_utility=str(first) if out != first and first.exists() else None))
     return load_scores(out)
 

@@ -49,6 +49,7 @@ from .cache import adapter_fingerprint, cache_key
 from .data import TokenizedData
 from .io import TossError, load_arrays, save_arrays
 from .layout import FINGERPRINT_KEYS, FORMAT_VERSION, Scores
+from .models.load import describe_compute
 from .models.lora import AdapterSet
 from .progress import Progress
 from .token_loss import (
@@ -157,6 +158,8 @@ class ScoreSettings:
     quiet: bool = False
     flush_seconds: float = 30.0
     reuse_utility: str | None = None
+    dtype: str | None = None  # float32, bfloat16, float16; default: the device's (models.load)
+    keep_quantized: bool = False  # a quantized base stays quantized on any device
 
 
 # ---------------------------------------------------------------- scoring
@@ -173,9 +176,10 @@ def distributed_group(group=None):
 
 
 def run_key(s: ScoreSettings, fingerprint: dict[str, Any], adapters: tuple[str, str], samples: int,
-            path: str) -> str:
-    """The key of a run's shards: everything that decides its losses (`cache.cache_key`)."""
-    return cache_key({"scores_format": FORMAT_VERSION, "model": s.model,
+            path: str, compute: str = "") -> str:
+    """The key of a run's shards: everything that decides its losses (`cache.cache_key`);
+    `compute` is the loaded model's dtype and quantization (`models.load.describe_compute`)."""
+    return cache_key({"scores_format": FORMAT_VERSION, "model": s.model, "compute": compute,
                       "fingerprint": {k: str(fingerprint.get(k)) for k in FINGERPRINT_KEYS},
                       "utility": adapters[0], "safety": adapters[1],
                       "batch_tokens": int(s.batch_tokens), "samples": int(samples), "path": path,
@@ -183,17 +187,19 @@ def run_key(s: ScoreSettings, fingerprint: dict[str, Any], adapters: tuple[str, 
 
 
 def reusable_utility(path: str | os.PathLike, data: TokenizedData, model: str, utility_sha: str,
-                     mask: np.ndarray) -> Scores:
+                     mask: np.ndarray, compute: str | None = None) -> Scores:
     """An earlier scores file whose loss_utility holds for this data, model and utility adapter.
 
     Its fingerprint (dataset, tokenizer, template, max length, model, utility adapter,
-    format version) and its tokens must be this run's; anything else is a clear error.
+    format version, and the compute dtype/quantization when `compute` is given) and its
+    tokens must be this run's; anything else is a clear error.
     """
     from .layout import load_scores
 
     earlier = load_scores(path)
     want = {**{k: str(data.fingerprint[k]) for k in FINGERPRINT_KEYS}, "model": model,
-            "utility_adapter_sha256": utility_sha, "format_version": FORMAT_VERSION}
+            "utility_adapter_sha256": utility_sha, "format_version": FORMAT_VERSION,
+            **({"compute": compute} if compute is not None else {})}
     problems = [f"{k}: it has {str(earlier.meta.get(k))[:16]}, this run {v[:16]}"
                 for k, v in want.items() if earlier.meta.get(k) != v]
     flat = data.flat()
@@ -229,7 +235,8 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
     mask = scored_mask(flat)
     lengths = input_lengths(flat, mask)
     hashes = adapter_fingerprint(s.utility), adapter_fingerprint(s.safety)
-    reused = reusable_utility(s.reuse_utility, data, s.model, hashes[0], mask) \
+    compute = describe_compute(model)
+    reused = reusable_utility(s.reuse_utility, data, s.model, hashes[0], mask, compute) \
         if s.reuse_utility else None
     batches = plan_for(model, flat, mask, s.batch_tokens)
     mine = [b for b in batches if b.index % size == rank]
@@ -245,7 +252,7 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
                                            for b in batches[:2]])
     else:
         chosen, reason = "none", "nothing to score"
-    key = run_key(s, data.fingerprint, hashes, len(lengths), chosen)
+    key = run_key(s, data.fingerprint, hashes, len(lengths), chosen, compute)
     store = ShardStore(Path(work_dir) if work_dir is not None else None, key, rank)
     done = store.load()
     T = len(flat["token_ids"])
@@ -259,7 +266,7 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
         else:
             todo.append(b)
 
-    say(f"scoring path: {chosen} ({reason})" + ("; utility losses reused from "
+    say(f"scoring path: {chosen}, {compute} ({reason})" + ("; utility losses reused from "
                                                  f"{s.reuse_utility}" if reused is not None else ""))
     # The bar advances by padded tokens, the work a batch costs, so the ETA holds
     # although the longest samples come first.
@@ -299,7 +306,7 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
     meta = {**{k: str(data.fingerprint[k]) for k in FINGERPRINT_KEYS}, "model": s.model,
             "utility_adapter_sha256": hashes[0], "safety_adapter_sha256": hashes[1],
             "format_version": FORMAT_VERSION, "scored_tokens": str(int(mask.sum())),
-            "score_path": chosen, "score_path_reason": reason}
+            "score_path": chosen, "score_path_reason": reason, "compute": compute}
     if reused is not None:
         meta["utility_losses_from"] = str(s.reuse_utility)
     score = np.where(mask, loss_utility - loss_safety, 0).astype(np.float32)
@@ -322,7 +329,8 @@ def score(s: ScoreSettings, model: nn.Module | None = None, tokenizer=None,
     if model is None:
         from .models.load import load_model
 
-        model, tokenizer = load_model(s.model, quiet=s.quiet)
+        model, tokenizer = load_model(s.model, quiet=s.quiet, dtype=s.dtype,
+                                      keep_quantized=s.keep_quantized)
     if data is None:
         if tokenizer is None:
             raise TossError("score: pass the tokenizer with an already loaded model")

@@ -277,6 +277,11 @@ def available_paths(model: nn.Module) -> tuple[list[str], list[str]]:
         skipped.append("cpu-fast: only on Linux")
     elif os.environ.get("TOSS_MLX_CPU_FAST", "1") == "0":
         skipped.append("cpu-fast: TOSS_MLX_CPU_FAST=0")
+    elif _param_dtype(model) != mx.float32:
+        # numpy has no bfloat16, and its exp/SiLU steps would compute in float32 what
+        # the model computes in a 16-bit dtype: the model's own ops keep its numbers.
+        skipped.append(f"cpu-fast: float32 only (the model computes in "
+                       f"{str(_param_dtype(model)).removeprefix('mlx.core.')})")
     elif not llama_like(model):
         skipped.append("cpu-fast: not llama-style blocks")
     elif not has_head:
@@ -356,9 +361,10 @@ def _probe(model: nn.Module, samples: list[np.ndarray]) -> tuple[str, str]:
 
 
 def _param_dtype(model: nn.Module) -> mx.Dtype:
-    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
-    w = getattr(emb, "weight", None)
-    return w.dtype if w is not None else mx.float32
+    """The compute dtype (a quantized embedding's packed weight is uint32: its scales')."""
+    from .models.load import compute_dtype
+
+    return compute_dtype(model)
 
 
 # ---------------------------------------------------------------- batches of chosen positions

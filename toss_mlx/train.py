@@ -56,7 +56,7 @@ from .batches import (
 from .config import build_config, read_yaml
 from .data import tokenize_dataset
 from .io import TossError, read_json, sha256_file, write_json, write_text
-from .models.load import load_model
+from .models.load import DTYPES, load_model
 from .models.lora import LoraSettings, adapter_weights, add_lora, save_adapter, save_mx_arrays
 from .progress import Progress
 
@@ -98,7 +98,8 @@ class TrainSettings:
     loss_norm: Literal["token", "sample"] = "token"
     group_by_length: bool = True
     seed: int = 42
-    dtype: str | None = None  # default: float32 on CPU, bfloat16 on GPU
+    dtype: str | None = None  # float32, bfloat16, float16; default: float32 on CPU, bfloat16 on GPU
+    keep_quantized: bool = False  # a quantized base stays quantized on any device (QLoRA), bf16 default
     grad_checkpoint: bool = False
     val_every: int = 100
     val_batches: int = -1  # -1: the whole validation set
@@ -118,6 +119,8 @@ class TrainSettings:
             raise ValueError(f"iters must be at least 1, got {self.iters}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.val_batches == 0 or self.val_batches < -1:
             raise ValueError(f"val_batches must be -1 (all) or at least 1, got {self.val_batches}")
 
@@ -522,7 +525,8 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     _check_out(s)
     say = _say(not s.quiet and rank == 0)
 
-    model, tokenizer = load_model(s.model, dtype=s.dtype, quiet=s.quiet or rank > 0)
+    model, tokenizer = load_model(s.model, dtype=s.dtype, quiet=s.quiet or rank > 0,
+                                  keep_quantized=s.keep_quantized)
     data = tokenize_dataset(s.data, tokenizer, s.template, s.max_seq_len, s.format, s.skip_bad_rows)
     say(data.summary())
     train_set = KeepDataset.build(data, keep_of_mask(s.mask, data) if s.mask else None)

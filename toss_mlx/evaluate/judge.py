@@ -58,11 +58,13 @@ def judge_models(s: EvalSettings, models: list[dict[str, Any]], parts: KeyedStor
                  base: tuple[nn.Module, Any] | None, quiet: bool) -> None:
     """Rate every harmful answer of every model in place (`judge_output`, `judge_score`)."""
     from ..data import tokenizer_sha256
-    from ..models.load import load_model
+    from ..models.load import describe_compute, load_model
 
-    judge_model, judge_tok = base if base is not None else load_model(s.judge, dtype=s.dtype, quiet=quiet)
+    judge_model, judge_tok = base if base is not None else load_model(
+        s.judge, dtype=s.dtype, quiet=quiet, keep_quantized=s.keep_quantized)
     template = "chat" if getattr(judge_tok, "chat_template", None) else "plain"
     judge = {"judge": s.judge, "tokenizer": tokenizer_sha256(judge_tok),
+             "compute": describe_compute(judge_model),
              "max_tokens": s.judge_max_tokens, "rubric": JUDGE_RUBRIC}
     for entry in models:
         harmful = entry["records"].get("harmful") or []

@@ -48,7 +48,8 @@ class EvalSettings:
     max_seq_len: int = 2048
     judge: str | None = None
     judge_max_tokens: int = 48
-    dtype: str | None = None
+    dtype: str | None = None  # float32, bfloat16, float16; default: the device's (models.load)
+    keep_quantized: bool = False  # a quantized base stays quantized on any device
 
 
 def check_settings(s: EvalSettings) -> None:
@@ -61,6 +62,8 @@ def check_settings(s: EvalSettings) -> None:
         path = getattr(s, name)
         if path and not Path(path).exists():
             problems.append(f"--{name} {path}: file not found")
+    if s.dtype is not None and s.dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"dtype {s.dtype!r}: expected float32, bfloat16 or float16")
     if not s.include_base and not s.adapters:
         problems.append("nothing to evaluate: no adapters and the base model left out")
     if s.include_base and "base" in s.adapters:

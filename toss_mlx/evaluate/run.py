@@ -123,7 +123,8 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
     entries: list[tuple[str, str | None]] = ([("base", None)] if s.include_base else []) + list(
         s.adapters.items())
 
-    model, tokenizer = load_model(s.model, dtype=s.dtype, quiet=quiet)
+    model, tokenizer = load_model(s.model, dtype=s.dtype, quiet=quiet,
+                                  keep_quantized=s.keep_quantized)
     adapters = AdapterSet(model, [folder for _, folder in entries])
     adapters.check()  # all of them, before any generation
     files = {name: {"path": str(getattr(s, name)), "sha256": sha256_file(getattr(s, name)),

