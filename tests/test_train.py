@@ -126,8 +126,8 @@ def test_loss_equals_hand_computed_masked_cross_entropy(lora_model, tokenized, n
 @pytest.mark.parametrize("norm", ["token", "sample"])
 @pytest.mark.parametrize("kept", ["mask", "none"])
 def test_loss_at_kept_positions_equals_the_full_logits_loss(lora_model, tokenized, norm, kept):
-    """Projecting only the kept targets' hidden states (tied embedding, chunked, checkpointed)
-    gives the full-logits loss and gradients; a batch with nothing kept gives 0 and zero grads."""
+    """Projecting only the kept targets' hidden states (tied embedding, chunked, with the
+    hand-written softmax gradient or checkpointed) gives the full-logits loss and gradients; a batch with nothing kept gives 0 and zero grads."""
     import toss_mlx.batches as batches
     from toss_mlx import token_loss
 
@@ -145,14 +145,18 @@ def test_loss_at_kept_positions_equals_the_full_logits_loss(lora_model, tokenize
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(token_loss, "HEAD_CHUNK_BYTES", 4 * 400 * 5)  # 5 rows per chunk
             chunked_loss, chunked_grads = grads_of(lora_model, batch, norm)
+            mp.setattr(batches, "KEEP_PROBS_BYTES", 0)  # logits recomputed in the backward pass
+            recomputed_loss, recomputed_grads = grads_of(lora_model, batch, norm)
     finally:
         batches._KEPT_HEAD.clear()
     assert kept_loss.item() == pytest.approx(full_loss.item(), rel=1e-5, abs=1e-7)
     assert small.item() == pytest.approx(kept_loss.item(), rel=1e-6, abs=1e-7)
     assert chunked_loss.item() == pytest.approx(kept_loss.item(), rel=1e-6, abs=1e-7)
+    assert recomputed_loss.item() == pytest.approx(kept_loss.item(), rel=1e-6, abs=1e-7)
     for name, g in full_grads.items():
         np.testing.assert_allclose(np.array(kept_grads[name]), np.array(g), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.array(chunked_grads[name]), np.array(g), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.array(recomputed_grads[name]), np.array(g), rtol=1e-4, atol=1e-6)
     if kept == "none":
         assert kept_loss.item() == 0.0
         assert all(not np.any(np.array(g)) for g in kept_grads.values())

@@ -246,15 +246,50 @@ def _kept_head(model: nn.Module):
     return head(model)
 
 
+KEEP_PROBS_BYTES = 1 << 30  # kept targets' probabilities held for the backward pass, at most
+
+
+def _ce_keeping_probs(proj, targets: mx.array):
+    """Cross-entropy of `targets` under the logits `proj(x)`, as a function of x [k, D] with a
+    hand-written gradient: the forward pass keeps the softmax (float32 [k, V]) and the backward
+    pass is one matmul, (softmax - onehot) x the projection's transpose (`mx.vjp` of `proj`, so a
+    quantized or tied head works alike). Autodiff would keep the logits instead and take a
+    second exp pass over them for the softmax; on this CPU an exp costs ~15 ns, as much as the
+    head's matmul per element (SmolLM2: 49,152 per target).
+    """
+
+    @mx.custom_function
+    def ce(x: mx.array):
+        logits = proj(x).astype(mx.float32)
+        top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+        e = mx.exp(logits - top)
+        total = e.sum(axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
+        return (mx.log(total) + top - picked)[:, 0], e / total
+
+    @ce.vjp
+    def ce_vjp(primals, cotangents, outputs):
+        # One input: mlx passes it (and takes its gradient) as a bare array.
+        x, g, probs = primals, cotangents[0], outputs[1]
+        index = targets[:, None]
+        d = probs * g[:, None]
+        d = mx.put_along_axis(d, index, mx.take_along_axis(d, index, axis=-1) - g[:, None], axis=-1)
+        return mx.vjp(proj, [x], [d.astype(x.dtype)])[1][0]
+
+    return lambda x: ce(x)[0]
+
+
 def kept_cross_entropy(model: nn.Module, tokens: mx.array, keep: mx.array, rows: mx.array | None,
                        samples: mx.array | None, norm: str = "token") -> tuple[mx.array, mx.array]:
     """(numerator, denominator) of the masked loss over the kept targets (see
     `masked_cross_entropy`), computed at the kept positions only.
 
     The body runs over the batch; only the hidden states of the kept targets
-    (`rows`, from `kept_rows`) meet the vocabulary projection, in chunks whose logits
-    are recomputed in the backward pass (`mx.checkpoint`) instead of kept: memory
-    grows with the kept targets, not with batch x length x vocabulary.
+    (`rows`, from `kept_rows`) meet the vocabulary projection, in chunks. With a frozen
+    head, each chunk's gradient is hand-written (`_ce_keeping_probs`: its softmax is kept,
+    float32 [K, V], no logits) while K x V x 4 bytes stay under KEEP_PROBS_BYTES; above
+    that the chunks' logits are recomputed in the backward pass (`mx.checkpoint`) instead
+    of kept. Memory grows with the kept targets, never with batch x length x vocabulary.
     """
     if norm not in LOSS_NORMS:
         raise ValueError(f"unknown loss norm {norm!r} (expected one of {', '.join(LOSS_NORMS)})")
@@ -272,13 +307,18 @@ def kept_cross_entropy(model: nn.Module, tokens: mx.array, keep: mx.array, rows:
     targets = mx.stop_gradient(mx.take(tokens[:, 1:].reshape(-1), index))  # [K]
     vocab = proj.weight.shape[0] if hasattr(proj, "weight") else model.model.embed_tokens.weight.shape[0]
     step = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
-    # mx.checkpoint passes no gradient to the weights it captures: only a frozen head
-    # (always, for LoRA/DoRA) may have its chunks recomputed instead of kept.
+    # mx.checkpoint and the hand-written gradient pass no gradient to the weights they
+    # capture: only a frozen head (always, for LoRA/DoRA) takes them.
     head_module = model.lm_head if hasattr(model, "lm_head") and not getattr(
         model.args, "tie_word_embeddings", False) else model.model.embed_tokens
     frozen_head = not tree_flatten(head_module.trainable_parameters())
+    k = hidden.shape[0]
+    keep_probs = frozen_head and k * vocab * 4 <= KEEP_PROBS_BYTES
 
     def chunk_ce(t: mx.array):
+        if keep_probs:
+            return _ce_keeping_probs(proj, t)
+
         # The targets are captured, not arguments: the checkpoint differentiates its arguments.
         def ce(x: mx.array) -> mx.array:
             logits = proj(x).astype(mx.float32)
@@ -286,7 +326,6 @@ def kept_cross_entropy(model: nn.Module, tokens: mx.array, keep: mx.array, rows:
 
         return mx.checkpoint(ce) if frozen_head else ce
 
-    k = hidden.shape[0]
     parts = [chunk_ce(targets[a:a + step])(hidden[a:a + step]) for a in range(0, k, step)]
     ce = parts[0] if len(parts) == 1 else mx.concatenate(parts)
     # `where` (not multiply) so that a padding row's gradient is exactly zero.
