@@ -1,22 +1,31 @@
-"""Throughput and peak memory of `toss-mlx train` against mlx-lm's own LoRA trainer.
+"""Throughput and peak memory of `toss-mlx train` against mlx-lm's own LoRA trainer, side by side.
 
-Same model (SmolLM2-135M-Instruct, float32 on CPU), same data, batch size,
-sequence length, LoRA settings (rank 16, q_proj + v_proj of every layer),
-optimizer and number of steps. toss-mlx trains through `toss_mlx.train.train`
-with a mask file that keeps every token (so the mask path is exercised);
-mlx-lm through `mlx_lm.tuner.trainer.train` with its default loss and
-iterate_batches, as `mlx_lm.lora` does (response-only loss via the prompt offset).
-Every sample is exactly `--seq-len` tokens long, so both process the same tokens.
+Models (float32 on the CPU): SmolLM2-135M-Instruct (tied 49,152-token head) at batch 4 x 256
+and Qwen2.5-Coder-0.5B-Instruct (separate 151,936-token head) at batch 2 x 512. Same data,
+batch, sequence length, LoRA (rank 16, q_proj + v_proj of every layer), Adam, steps.
 
-Whole runs alternate (toss, mlx-lm, mlx-lm, toss, ...) in this one process after
-one untimed warm-up of each; a run's time is the wall time of mlx-lm's training
-loop (model loading excluded; ours includes our per-step callback, log and
-final checkpoint). The machine is shared, so a second, finer check alternates
-single steps: mlx-lm's compiled training step (its trainer's code) with its
-loss and batches, then with ours, step by step. Prints medians and ratios;
-writes bench/results/train_throughput.json.
+Data: rows built from the reproduction's custom data (`prepare.build_reproduce`, the
+prompts and answers of bench/reproduce.py) so that every sample is exactly `seq_len`
+tokens with the same share of response tokens as that data (0.59 with either tokenizer):
+its prompts joined up to (1 - share) x seq_len tokens, its answers after them. Both
+trainers take the loss on the response tokens only: toss-mlx with a mask file keeping
+every response token, mlx-lm with the prompt offset (`mlx_lm.lora --mask-prompt`).
 
-    python bench/train_throughput.py [--steps 4] [--rounds 4] [--interleaved 16] [--batch-size 4] [--seq-len 128]
+1. Whole runs: `toss_mlx.train.train` against `mlx_lm.tuner.trainer.train` with its
+   default loss and iterate_batches, alternating ABBA after one untimed warm-up of each;
+   the time of a run is its training loop's (model loading excluded). Medians over rounds,
+   and the median of the paired (same-round) ratios; peak memory is mx.get_peak_memory
+   over the loop (model weights included, as both hold them).
+2. Lengths: one compiled training step (its compile included) at batch 1 x L (L = 256,
+   512, 1024) with mlx-lm's loss, ours, and the body alone (a loss on the final hidden states, no vocabulary
+   projection), alternating: peak memory and step time of each. body-only is the floor
+   both trainers share; mlx-lm's excess over it grows with L x V (its logits), ours with
+   the kept targets only.
+
+Writes bench/results/train_throughput.json after every piece (a killed run keeps what
+it measured).
+
+    python bench/train_throughput.py [--models smollm2,qwen] [--rounds 3] [--lengths 256,512,1024]
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,23 +54,73 @@ from toss_mlx.models.lora import LoraSettings, add_lora
 from toss_mlx.models.registry import pull
 from toss_mlx.train import TrainSettings, train
 
-MACHINE = "Linux x86-64, 2 cores, OpenBLAS, mlx 0.32.4 cpu"
-WORDS = ("the model answers each question with a careful and detailed explanation of the "
-         "steps involved, checking every number twice before giving a final result").split()
+
+@dataclass
+class Case:
+    name: str
+    registry: str
+    batch_size: int
+    seq_len: int
+    steps: int  # per timed run
+    target_speed: float  # toss-mlx / mlx-lm tokens/s, at least
+    target_memory: float  # toss-mlx / mlx-lm peak memory, at most
 
 
-def make_data(folder: Path, n: int, seq_len: int, tokenizer):
-    """n rows that all tokenize to >= seq_len tokens, the mask file keeping every token,
-    and mlx-lm's (tokens, prompt offset) items for the same samples."""
+CASES = {
+    "smollm2": Case("smollm2", "smollm2-135m-instruct", 4, 256, 2, 1.15, 0.9),
+    "qwen": Case("qwen", "qwen2.5-coder-0.5b-instruct", 2, 512, 1, 1.3, 0.7),
+}
+
+
+def machine_info() -> dict:
+    """The machine: platform, CPU, cores, memory, load, library versions and the BLAS in use."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from toss_mlx import blas
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    mem = None
+    if Path("/proc/meminfo").exists():
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = round(kb / 2**20, 1)
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
+            "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(),
+            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device()),
+            "blas": " ".join(str(x) for x in blas.status if x), "load_average_start": os.getloadavg()}
+
+
+# ---------------------------------------------------------------- data
+
+
+def reproduce_rows(folder: Path) -> list[dict]:
+    from toss_mlx.prepare import build_reproduce
+
+    build_reproduce(folder)
+    return [json.loads(line) for line in (folder / "custom.jsonl").read_text().splitlines()]
+
+
+def make_data(folder: Path, rows: list[dict], n: int, seq_len: int, share: float, tokenizer):
+    """n rows of exactly seq_len tokens whose response share is about `share`, from the
+    reproduction's prompts and answers; the all-response mask file; mlx-lm's
+    (tokens, prompt offset) items for the same samples."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    rows = []
+    prompts = " ".join(r["prompt"] for r in rows).split()
+    answers = " ".join(r["completion"] for r in rows).split()
+    probe = tokenize_dataset_rows(folder, [{"prompt": "x", "completion": "y"}], tokenizer, 64)
+    overhead = int(np.argmax(probe.samples[0].response_mask)) - 1  # template tokens around a 1-token prompt
+    want_prompt = round((1 - share) * seq_len) - overhead
+    out, a = [], 0
     for i in range(n):
-        answer = " ".join(rng.choice(WORDS, size=seq_len * 2))
-        rows.append({"prompt": f"Question {i}: explain how you would solve problem {i}.",
-                     "completion": answer})
+        ids = tokenizer.encode(" ".join(prompts[(i * 97) % len(prompts):][:seq_len]),
+                               add_special_tokens=False)[:want_prompt]
+        answer = " ".join(answers[a:a + seq_len])
+        a = (a + seq_len) % max(1, len(answers) - seq_len)
+        out.append({"prompt": tokenizer.decode(ids).strip(), "completion": answer})
     data = folder / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in out))
     tokenized = tokenize_dataset(data, tokenizer, max_seq_len=seq_len)
     assert all(len(s.tokens) == seq_len for s in tokenized.samples), "rows too short"
     flat = tokenized.flat()
@@ -68,29 +128,32 @@ def make_data(folder: Path, n: int, seq_len: int, tokenizer):
     save_arrays(mask, {"offsets": flat["offsets"], "row_index": flat["row_index"],
                        "keep": np.ones(int(flat["offsets"][-1]), np.uint8)}, tokenized.fingerprint)
     items = [(s.tokens.tolist(), int(np.argmax(s.response_mask))) for s in tokenized.samples]
-    return data, mask, items, tokenized
+    measured = float(np.mean([s.response_mask[1:].sum() / (seq_len - 1) for s in tokenized.samples]))
+    return data, mask, items, tokenized, measured
 
 
-def run_toss(model_dir: Path, data: Path, mask: Path, out: Path, args) -> dict:
+def tokenize_dataset_rows(folder: Path, rows: list[dict], tokenizer, seq_len: int):
+    path = folder / "probe.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tokenize_dataset(path, tokenizer, max_seq_len=seq_len)
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+def run_toss(model_dir: Path, data: Path, mask: Path, out: Path, case: Case, steps: int) -> dict:
     settings = TrainSettings(model=str(model_dir), data=str(data), mask=str(mask), out=str(out),
-                             iters=args.steps, batch_size=args.batch_size,
-                             max_seq_len=args.seq_len, quiet=True, overwrite=True)
+                             iters=steps, batch_size=case.batch_size, max_seq_len=case.seq_len,
+                             quiet=True, overwrite=True, save_every=10_000)
     result = train(settings)
     tokens = result.trained_tokens
-    assert tokens == args.steps * args.batch_size * args.seq_len
+    assert tokens == steps * case.batch_size * case.seq_len
+    summary = json.loads((out / "train_summary.json").read_text())
     del result
-    return {"seconds": _seconds_of(out), "tokens": tokens, "peak_gb": _peak_of(out)}
+    return {"seconds": summary["seconds"], "tokens": tokens, "peak_gb": summary["peak_memory_gb"]}
 
 
-def _seconds_of(out: Path) -> float:
-    return json.loads((out / "train_summary.json").read_text())["seconds"]
-
-
-def _peak_of(out: Path) -> float:
-    return json.loads((out / "train_summary.json").read_text())["peak_memory_gb"]
-
-
-def run_mlx_lm(model_dir: Path, items: list, scratch: Path, args) -> dict:
+def run_mlx_lm(model_dir: Path, items: list, scratch: Path, case: Case, steps: int) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import TrainingArgs
@@ -100,8 +163,8 @@ def run_mlx_lm(model_dir: Path, items: list, scratch: Path, args) -> dict:
     mx.random.seed(42)
     add_lora(model, LoraSettings())  # the same linear_to_lora_layers call mlx_lm.lora makes
     optimizer = optim.Adam(learning_rate=1e-5)
-    training_args = TrainingArgs(batch_size=args.batch_size, iters=args.steps,
-                                 max_seq_length=args.seq_len,
+    training_args = TrainingArgs(batch_size=case.batch_size, iters=steps,
+                                 max_seq_length=case.seq_len, steps_per_save=10_000,
                                  adapter_file=str(scratch / "adapters.safetensors"))
     np.random.seed(42)
     mx.reset_peak_memory()
@@ -111,28 +174,64 @@ def run_mlx_lm(model_dir: Path, items: list, scratch: Path, args) -> dict:
         seconds = time.perf_counter() - start
     peak = mx.get_peak_memory() / 1e9
     del model, optimizer
-    return {"seconds": seconds, "tokens": args.steps * args.batch_size * args.seq_len,
-            "peak_gb": peak}
+    return {"seconds": seconds, "tokens": steps * case.batch_size * case.seq_len, "peak_gb": peak}
 
 
-def interleaved_steps(model_dir: Path, tokenized, items: list, args) -> dict:
-    """Step-level check, robust to a busy machine: mlx-lm's compiled training step (the same
-    code as its trainer) with mlx-lm's loss and batches or with ours, alternating step by step."""
+def whole_runs(case: Case, model_dir: Path, data, mask, items, tmp: Path, rounds: int, say) -> dict:
+    import mlx.core as mx
+
+    say(f"{case.name}: warm-up")
+    run_toss(model_dir, data, mask, tmp / "out", case, 1)
+    run_mlx_lm(model_dir, items, tmp, case, 1)
+    runs: dict[str, list[dict]] = {"toss": [], "mlx_lm": []}
+    for r in range(rounds):
+        order = ("toss", "mlx_lm") if r % 2 == 0 else ("mlx_lm", "toss")  # ABBA: no order bias
+        for name in order:
+            gc.collect()
+            mx.clear_cache()
+            run = (run_toss(model_dir, data, mask, tmp / "out", case, case.steps) if name == "toss"
+                   else run_mlx_lm(model_dir, items, tmp, case, case.steps))
+            run["tokens_per_sec"] = run["tokens"] / run["seconds"]
+            run["load_average"] = os.getloadavg()[0]
+            runs[name].append(run)
+            say(f"{case.name} round {r + 1} {name:7s} {run['tokens_per_sec']:8.1f} tok/s  "
+                f"{run['seconds']:6.1f} s  peak {run['peak_gb']:.3f} GB  load {run['load_average']:.1f}")
+    med = {n: statistics.median(x["tokens_per_sec"] for x in rs) for n, rs in runs.items()}
+    peak = {n: statistics.median(x["peak_gb"] for x in rs) for n, rs in runs.items()}
+    paired = [t["tokens_per_sec"] / m["tokens_per_sec"]
+              for t, m in zip(runs["toss"], runs["mlx_lm"], strict=True)]
+    return {"speed_ratio": med["toss"] / med["mlx_lm"], "paired_ratio_median": statistics.median(paired),
+            "paired_ratios": paired, "memory_ratio": peak["toss"] / peak["mlx_lm"],
+            "toss_tokens_per_sec": med["toss"], "mlx_lm_tokens_per_sec": med["mlx_lm"],
+            "toss_peak_gb": peak["toss"], "mlx_lm_peak_gb": peak["mlx_lm"], "runs": runs}
+
+
+# ---------------------------------------------------------------- steps by length
+
+
+def length_steps(case: Case, model_dir: Path, rows: list[dict], share: float, tokenizer, tmp: Path,
+                 lengths: list[int], say) -> dict:
+    """Per length L: one compiled step of each loss at batch 1 x L (peak memory, rough time)."""
     from functools import partial
 
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import default_loss
-    from mlx_lm.tuner.trainer import iterate_batches as mlx_lm_batches
 
-    from toss_mlx.batches import KeepDataset, iterate_batches, masked_loss
+    from toss_mlx.batches import KeepDataset, make_batch, masked_loss, use_kept_head
 
     model, _ = load_model(str(model_dir), quiet=True)
     mx.random.seed(42)
     add_lora(model, LoraSettings())
+    weights_gb = sum(v.nbytes for _, v in _leaves(model.parameters())) / 1e9
+    probe = mx.random.normal((model.model.norm.weight.shape[0],), key=mx.random.key(1))
 
-    def compiled_step(loss):
+    def body_loss(model, tokens, lengths, *rest):
+        h = model.model(tokens[:, :-1])
+        return (h * probe).sum() / tokens.shape[1], lengths.sum()
+
+    def compiled(loss):
         optimizer = optim.Adam(learning_rate=1e-5)
         loss_and_grad = nn.value_and_grad(model, loss)
         state = [model.state, optimizer.state, mx.random.state]
@@ -145,106 +244,103 @@ def interleaved_steps(model_dir: Path, tokenized, items: list, args) -> dict:
 
         return step, state
 
-    ours = iterate_batches(KeepDataset.build(tokenized), args.batch_size, args.seq_len, loop=True,
-                           seed=42)
-    theirs = mlx_lm_batches(items, args.batch_size, args.seq_len, loop=True)
-    runners = {"toss": (*compiled_step(partial(masked_loss, norm="token")), ours),
-               "mlx_lm": (*compiled_step(default_loss), theirs)}
-    times: dict[str, list[float]] = {"toss": [], "mlx_lm": []}
-    for i in range(args.interleaved + 1):
-        for name, (step, state, batches) in runners.items():
-            batch = next(batches)
-            start = time.perf_counter()
+    out = {"weights_gb": weights_gb, "vocab": int(model.model.embed_tokens.weight.shape[0]),
+           "lengths": {}}
+    for L in lengths:
+        _, _, items, tokenized, measured = make_data(tmp / f"len{L}", rows, 2, L, share, tokenizer)
+        ours = make_batch(KeepDataset.build(tokenized), np.array([0]), L)
+        use_kept_head(model, tokenized.samples[0].tokens)
+        tokens = mx.array(np.array([items[0][0]], np.int32))
+        theirs = (tokens, mx.array([[items[0][1], L]], mx.int32))  # mlx-lm: (offset, length)
+        losses = {"mlx_lm": (default_loss, theirs), "toss": (partial(masked_loss, norm="token"), ours),
+                  "body_only": (body_loss, ours)}
+        result = {}
+        for name, (loss, batch) in losses.items():
+            gc.collect()
+            mx.clear_cache()
+            step, state = compiled(loss)
+            mx.reset_peak_memory()
+            start = time.perf_counter()  # one step, its compile included (seconds are rough)
             value = step(*batch)
             mx.eval(state, value)
-            if i:  # step 0 compiles
-                times[name].append(time.perf_counter() - start)
-    tokens = args.batch_size * args.seq_len
-    return {name: {"step_seconds": t, "tokens_per_sec": tokens / statistics.median(t),
-                   "tokens_per_sec_best": tokens / min(t)}
-            for name, t in times.items()}
+            result[name] = {"seconds": time.perf_counter() - start,
+                            "peak_gb": mx.get_peak_memory() / 1e9, "loss": value.item()}
+            del step, state
+        result["response_share"] = measured
+        result["logits_gb"] = L * out["vocab"] * 4 / 1e9  # one float32 [L, V] array
+        out["lengths"][L] = result
+        say(f"{case.name} L={L}: " + ", ".join(
+            f"{n} {r['peak_gb']:.3f} GB {r['seconds']:.1f} s" for n, r in result.items()
+            if isinstance(r, dict)) + f" (one [L, V] float32: {result['logits_gb']:.3f} GB)")
+    return out
+
+
+def _leaves(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+# ---------------------------------------------------------------- main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--interleaved", type=int, default=16,
-                        help="steps of each in the step-by-step interleaved check")
-    parser.add_argument("--interleaved-seq-len", type=int, default=64,
-                        help="sequence length of the interleaved check (shorter: more steps)")
+    parser.add_argument("--models", default="smollm2,qwen")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed run (default per model)")
+    parser.add_argument("--lengths", default="256,512,1024")
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = parser.parse_args()
 
-    import mlx.core as mx
+    def say(text: str) -> None:
+        print(time.strftime("%H:%M:%S"), text, flush=True)
 
-    model_dir = pull("smollm2-135m-instruct")
-    _, tokenizer = load_model(str(model_dir), quiet=True)
-    runs: dict[str, list[dict]] = {"toss": [], "mlx_lm": []}
+    results = {"machine": machine_info(), "argv": sys.argv[1:], "cases": {},
+               "settings": {"lora": "rank 16, alpha 16, q_proj+v_proj, all layers",
+                            "optimizer": "adam 1e-5", "dtype": "float32"}}
+    if Path(args.results).exists():  # keep the other models' figures of an earlier run
+        earlier = json.loads(Path(args.results).read_text())
+        results["cases"] = {k: v for k, v in earlier.get("cases", {}).items()}
+    lengths = [int(x) for x in args.lengths.split(",") if x]
     with tempfile.TemporaryDirectory(prefix="toss-bench-") as tmp:
         tmp = Path(tmp)
-        data, mask, items, tokenized = make_data(tmp, max(2 * args.batch_size, 16), args.seq_len,
-                                                 tokenizer)
-        warm = argparse.Namespace(**{**vars(args), "steps": 2})
-        run_toss(model_dir, data, mask, tmp / "out", warm)
-        run_mlx_lm(model_dir, items, tmp, warm)
-        for r in range(args.rounds):
-            order = ("toss", "mlx_lm") if r % 2 == 0 else ("mlx_lm", "toss")  # ABBA: no order bias
-            for name in order:
-                gc.collect()
-                mx.clear_cache()
-                if name == "toss":
-                    run = run_toss(model_dir, data, mask, tmp / "out", args)
-                else:
-                    run = run_mlx_lm(model_dir, items, tmp, args)
-                run["tokens_per_sec"] = run["tokens"] / run["seconds"]
-                runs[name].append(run)
-                print(f"round {r + 1} {name:7s} {run['tokens_per_sec']:8.1f} tok/s  "
-                      f"{run['seconds']:6.2f} s  peak {run['peak_gb']:.3f} GB", flush=True)
-
-        short = argparse.Namespace(**{**vars(args), "seq_len": args.interleaved_seq_len})
-        _, _, short_items, short_tokenized = make_data(tmp / "short", 16, short.seq_len, tokenizer)
-        steps = interleaved_steps(model_dir, short_tokenized, short_items, short)
-
-    med = {name: statistics.median(x["tokens_per_sec"] for x in rs) for name, rs in runs.items()}
-    peak = {name: statistics.median(x["peak_gb"] for x in rs) for name, rs in runs.items()}
-    # Each round's two runs ran back to back, under about the same load from other processes.
-    paired = [t["tokens_per_sec"] / m["tokens_per_sec"] for t, m in zip(runs["toss"], runs["mlx_lm"], strict=True)]
-    step_ratio = steps["toss"]["tokens_per_sec"] / steps["mlx_lm"]["tokens_per_sec"]
-    step_ratio_best = steps["toss"]["tokens_per_sec_best"] / steps["mlx_lm"]["tokens_per_sec_best"]
-    result = {
-        "ratio_vs_mlx_lm": med["toss"] / med["mlx_lm"],
-        "peak_mem_ratio": peak["toss"] / peak["mlx_lm"],
-        "paired_ratio_median": statistics.median(paired),
-        "paired_ratios": paired,
-        "step_ratio_interleaved": step_ratio,
-        "step_ratio_interleaved_best": step_ratio_best,
-        "toss_tokens_per_sec": med["toss"],
-        "mlx_lm_tokens_per_sec": med["mlx_lm"],
-        "toss_peak_gb": peak["toss"],
-        "mlx_lm_peak_gb": peak["mlx_lm"],
-        "settings": {"model": "smollm2-135m-instruct float32", "steps": args.steps,
-                     "rounds": args.rounds, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                     "interleaved_steps": args.interleaved,
-                     "interleaved_seq_len": args.interleaved_seq_len,
-                     "lora": "rank 16, alpha 16, q_proj+v_proj, all layers", "optimizer": "adam 1e-5"},
-        "runs": runs,
-        "interleaved": steps,
-        "machine": MACHINE,
-        "python": platform.python_version(),
-        "argv": sys.argv[1:],
-    }
-    write_json(args.results, result)
-    print(f"whole runs, median tokens/s: toss-mlx {med['toss']:.1f}, mlx-lm {med['mlx_lm']:.1f}, "
-          f"ratio {result['ratio_vs_mlx_lm']:.3f} (target >= 0.95); "
-          f"median of paired ratios {result['paired_ratio_median']:.3f}")
-    print(f"interleaved steps, median tokens/s: toss-mlx {steps['toss']['tokens_per_sec']:.1f}, "
-          f"mlx-lm {steps['mlx_lm']['tokens_per_sec']:.1f}, ratio {step_ratio:.3f} "
-          f"(fastest step: ratio {step_ratio_best:.3f})")
-    print(f"median peak memory: toss-mlx {peak['toss']:.3f} GB, mlx-lm {peak['mlx_lm']:.3f} GB, "
-          f"ratio {result['peak_mem_ratio']:.3f} (target <= 1.05)")
+        rows = reproduce_rows(tmp / "reproduce")
+        for name in args.models.split(","):
+            case = CASES[name]
+            if args.steps:
+                case.steps = args.steps
+            model_dir = pull(case.registry)
+            _, tokenizer = load_model(str(model_dir), quiet=True)
+            full = tokenize_dataset(tmp / "reproduce" / "custom.jsonl", tokenizer, max_seq_len=4096)
+            share = float(sum(int(s.response_mask.sum()) for s in full.samples)
+                          / sum(len(s.tokens) for s in full.samples))
+            data, mask, items, _, measured = make_data(tmp / name, rows, 4 * case.batch_size,
+                                                       case.seq_len, share, tokenizer)
+            entry = {"model": case.registry, "batch_size": case.batch_size, "seq_len": case.seq_len,
+                     "steps_per_run": case.steps, "rounds": args.rounds,
+                     "reproduce_response_share": share, "bench_response_share": measured,
+                     "targets": {"speed_ratio_at_least": case.target_speed,
+                                 "memory_ratio_at_most": case.target_memory}}
+            say(f"{name}: response share {measured:.3f} (reproduction's data: {share:.3f})")
+            if args.rounds:
+                entry["whole_runs"] = whole_runs(case, model_dir, data, mask, items, tmp, args.rounds, say)
+                w = entry["whole_runs"]
+                say(f"{name}: tokens/s toss-mlx {w['toss_tokens_per_sec']:.1f}, mlx-lm "
+                    f"{w['mlx_lm_tokens_per_sec']:.1f}: ratio {w['speed_ratio']:.3f} (paired median "
+                    f"{w['paired_ratio_median']:.3f}; target >= {case.target_speed}); peak memory "
+                    f"{w['toss_peak_gb']:.3f} vs {w['mlx_lm_peak_gb']:.3f} GB: ratio "
+                    f"{w['memory_ratio']:.3f} (target <= {case.target_memory})")
+                results["cases"][name] = entry
+                results["machine"]["load_average_end"] = os.getloadavg()
+                write_json(args.results, results)
+            if lengths:
+                entry["by_length"] = length_steps(case, model_dir, rows, share, tokenizer, tmp,
+                                                  lengths, say)
+                results["cases"][name] = entry
+                results["machine"]["load_average_end"] = os.getloadavg()
+                write_json(args.results, results)
+    say(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_loss_at_kept_positions_equals_the_full_logits_loss(lora_model, tokenize
         kept_loss, kept_grads = grads_of(lora_model, batch, norm)
         small, _ = grads_of(lora_model, batch[:3], norm)  # rows computed from keep
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(token_loss, "HEAD_CHUNK_BYTES", 4 * 400 * 5)  # 5 rows per chunk
+            mp.setattr(batches, "TRAIN_CHUNK_BYTES", 4 * 400 * 5)  # 5 rows per chunk
             chunked_loss, chunked_grads = grads_of(lora_model, batch, norm)
             mp.setattr(batches, "KEEP_PROBS_BYTES", 0)  # logits recomputed in the backward pass
             recomputed_loss, recomputed_grads = grads_of(lora_model, batch, norm)

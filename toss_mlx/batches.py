@@ -247,6 +247,7 @@ def _kept_head(model: nn.Module):
 
 
 KEEP_PROBS_BYTES = 1 << 30  # kept targets' probabilities held for the backward pass, at most
+TRAIN_CHUNK_BYTES = 64 << 20  # logits of one chunk of kept targets: few transient [k, V] buffers
 
 
 def _ce_keeping_probs(proj, targets: mx.array):
@@ -271,9 +272,10 @@ def _ce_keeping_probs(proj, targets: mx.array):
     def ce_vjp(primals, cotangents, outputs):
         # One input: mlx passes it (and takes its gradient) as a bare array.
         x, g, probs = primals, cotangents[0], outputs[1]
-        index = targets[:, None]
-        d = probs * g[:, None]
-        d = mx.put_along_axis(d, index, mx.take_along_axis(d, index, axis=-1) - g[:, None], axis=-1)
+        # (softmax - onehot(target)) * g as one elementwise expression (fused when compiled:
+        # one [k, V] buffer, no scatter copy).
+        is_target = mx.arange(probs.shape[-1])[None] == targets[:, None]
+        d = mx.where(is_target, probs - 1, probs) * g[:, None]
         return mx.vjp(proj, [x], [d.astype(x.dtype)])[1][0]
 
     return lambda x: ce(x)[0]
@@ -298,15 +300,13 @@ def kept_cross_entropy(model: nn.Module, tokens: mx.array, keep: mx.array, rows:
         return masked_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], keep[:, 1:], norm)
     if rows is None:
         rows, samples = (mx.array(a) for a in kept_rows(np.array(keep.astype(mx.bool_))))
-    from .token_loss import HEAD_CHUNK_BYTES
-
     h = model.model(tokens[:, :-1])
     valid = rows >= 0
     index = mx.stop_gradient(mx.maximum(rows, 0))  # indices carry no gradient
     hidden = mx.take(h.reshape(-1, h.shape[-1]), index, axis=0)  # [K, D]
     targets = mx.stop_gradient(mx.take(tokens[:, 1:].reshape(-1), index))  # [K]
     vocab = proj.weight.shape[0] if hasattr(proj, "weight") else model.model.embed_tokens.weight.shape[0]
-    step = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+    step = max(1, TRAIN_CHUNK_BYTES // (4 * vocab))
     # mx.checkpoint and the hand-written gradient pass no gradient to the weights they
     # capture: only a frozen head (always, for LoRA/DoRA) takes them.
     head_module = model.lm_head if hasattr(model, "lm_head") and not getattr(
