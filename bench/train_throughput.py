@@ -18,7 +18,8 @@ every response token, mlx-lm with the prompt offset (`mlx_lm.lora --mask-prompt`
    over the loop (model weights included, as both hold them).
 2. Lengths: one compiled training step (its compile included) at batch 1 x L (L = 256,
    512, 1024) with mlx-lm's loss, ours, and the body alone (a loss on the final hidden states, no vocabulary
-   projection), alternating: peak memory and step time of each. body-only is the floor
+   projection), alternating: peak memory and step time of each; `toss_recompute` is ours
+   with KEEP_PROBS_BYTES = 0 (no softmax kept: the head's chunks recomputed backwards). body-only is the floor
    both trainers share; mlx-lm's excess over it grows with L x V (its logits), ours with
    the kept targets only.
 
@@ -67,8 +68,8 @@ class Case:
 
 
 CASES = {
-    "smollm2": Case("smollm2", "smollm2-135m-instruct", 4, 256, 2, 1.15, 0.9),
-    "qwen": Case("qwen", "qwen2.5-coder-0.5b-instruct", 2, 512, 1, 1.3, 0.7),
+    "smollm2": Case("smollm2", "smollm2-135m-instruct", 4, 256, 3, 1.15, 0.9),
+    "qwen": Case("qwen", "qwen2.5-coder-0.5b-instruct", 2, 512, 2, 1.3, 0.7),
 }
 
 
@@ -149,8 +150,11 @@ def run_toss(model_dir: Path, data: Path, mask: Path, out: Path, case: Case, ste
     tokens = result.trained_tokens
     assert tokens == steps * case.batch_size * case.seq_len
     summary = json.loads((out / "train_summary.json").read_text())
+    steps_rate = [json.loads(line)["tokens_per_sec"]
+                  for line in (out / "train_log.jsonl").read_text().splitlines()]
     del result
-    return {"seconds": summary["seconds"], "tokens": tokens, "peak_gb": summary["peak_memory_gb"]}
+    return {"seconds": summary["seconds"], "tokens": tokens, "peak_gb": summary["peak_memory_gb"],
+            "step_tokens_per_sec": steps_rate}
 
 
 def run_mlx_lm(model_dir: Path, items: list, scratch: Path, case: Case, steps: int) -> dict:
@@ -163,18 +167,32 @@ def run_mlx_lm(model_dir: Path, items: list, scratch: Path, case: Case, steps: i
     mx.random.seed(42)
     add_lora(model, LoraSettings())  # the same linear_to_lora_layers call mlx_lm.lora makes
     optimizer = optim.Adam(learning_rate=1e-5)
-    training_args = TrainingArgs(batch_size=case.batch_size, iters=steps,
+    training_args = TrainingArgs(batch_size=case.batch_size, iters=steps, steps_per_report=1,
                                  max_seq_length=case.seq_len, steps_per_save=10_000,
                                  adapter_file=str(scratch / "adapters.safetensors"))
+
+    class Rates:  # mlx-lm's per-step report, as our trainer logs it (steps_per_report=1)
+        rates: list[float] = []
+
+        def on_train_loss_report(self, info):
+            self.rates.append(info["tokens_per_second"])
+
+        def on_val_loss_report(self, info):
+            pass
+
+    rates = Rates()
+    rates.rates = []
     np.random.seed(42)
     mx.reset_peak_memory()
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         start = time.perf_counter()
-        mlx_lm_train(model=model, optimizer=optimizer, train_dataset=items, args=training_args)
+        mlx_lm_train(model=model, optimizer=optimizer, train_dataset=items, args=training_args,
+                     training_callback=rates)
         seconds = time.perf_counter() - start
     peak = mx.get_peak_memory() / 1e9
     del model, optimizer
-    return {"seconds": seconds, "tokens": steps * case.batch_size * case.seq_len, "peak_gb": peak}
+    return {"seconds": seconds, "tokens": steps * case.batch_size * case.seq_len, "peak_gb": peak,
+            "step_tokens_per_sec": rates.rates}
 
 
 def whole_runs(case: Case, model_dir: Path, data, mask, items, tmp: Path, rounds: int, say) -> dict:
@@ -200,7 +218,12 @@ def whole_runs(case: Case, model_dir: Path, data, mask, items, tmp: Path, rounds
     peak = {n: statistics.median(x["peak_gb"] for x in rs) for n, rs in runs.items()}
     paired = [t["tokens_per_sec"] / m["tokens_per_sec"]
               for t, m in zip(runs["toss"], runs["mlx_lm"], strict=True)]
+    # Steady state: every step after a run's first (which compiles), as mlx-lm's trainer times it.
+    steady = {n: statistics.median(r for x in rs for r in x["step_tokens_per_sec"][1:]) if case.steps > 1
+              else None for n, rs in runs.items()}
     return {"speed_ratio": med["toss"] / med["mlx_lm"], "paired_ratio_median": statistics.median(paired),
+            "steady_step_ratio": steady["toss"] / steady["mlx_lm"] if steady["toss"] else None,
+            "steady_step_tokens_per_sec": steady,
             "paired_ratios": paired, "memory_ratio": peak["toss"] / peak["mlx_lm"],
             "toss_tokens_per_sec": med["toss"], "mlx_lm_tokens_per_sec": med["mlx_lm"],
             "toss_peak_gb": peak["toss"], "mlx_lm_peak_gb": peak["mlx_lm"], "runs": runs}
@@ -219,7 +242,10 @@ def length_steps(case: Case, model_dir: Path, rows: list[dict], share: float, to
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import default_loss
 
+    from toss_mlx import batches
     from toss_mlx.batches import KeepDataset, make_batch, masked_loss, use_kept_head
+
+    keep_probs = batches.KEEP_PROBS_BYTES
 
     model, _ = load_model(str(model_dir), quiet=True)
     mx.random.seed(42)
@@ -253,11 +279,14 @@ def length_steps(case: Case, model_dir: Path, rows: list[dict], share: float, to
         tokens = mx.array(np.array([items[0][0]], np.int32))
         theirs = (tokens, mx.array([[items[0][1], L]], mx.int32))  # mlx-lm: (offset, length)
         losses = {"mlx_lm": (default_loss, theirs), "toss": (partial(masked_loss, norm="token"), ours),
+                  "toss_recompute": (partial(masked_loss, norm="token"), ours),
                   "body_only": (body_loss, ours)}
         result = {}
         for name, (loss, batch) in losses.items():
             gc.collect()
             mx.clear_cache()
+            # toss_recompute: no softmax kept, the head's chunks recomputed in the backward pass
+            batches.KEEP_PROBS_BYTES = 0 if name == "toss_recompute" else keep_probs
             step, state = compiled(loss)
             mx.reset_peak_memory()
             start = time.perf_counter()  # one step, its compile included (seconds are rough)
@@ -266,6 +295,7 @@ def length_steps(case: Case, model_dir: Path, rows: list[dict], share: float, to
             result[name] = {"seconds": time.perf_counter() - start,
                             "peak_gb": mx.get_peak_memory() / 1e9, "loss": value.item()}
             del step, state
+        batches.KEEP_PROBS_BYTES = keep_probs
         result["response_share"] = measured
         result["logits_gb"] = L * out["vocab"] * 4 / 1e9  # one float32 [L, V] array
         out["lengths"][L] = result
@@ -317,26 +347,29 @@ def main() -> None:
                           / sum(len(s.tokens) for s in full.samples))
             data, mask, items, _, measured = make_data(tmp / name, rows, 4 * case.batch_size,
                                                        case.seq_len, share, tokenizer)
-            entry = {"model": case.registry, "batch_size": case.batch_size, "seq_len": case.seq_len,
-                     "steps_per_run": case.steps, "rounds": args.rounds,
+            entry = results["cases"].get(name, {}) if not args.rounds else {}
+            entry.update({"model": case.registry, "batch_size": case.batch_size, "seq_len": case.seq_len,
                      "reproduce_response_share": share, "bench_response_share": measured,
                      "targets": {"speed_ratio_at_least": case.target_speed,
-                                 "memory_ratio_at_most": case.target_memory}}
+                                 "memory_ratio_at_most": case.target_memory}})
             say(f"{name}: response share {measured:.3f} (reproduction's data: {share:.3f})")
             if args.rounds:
                 entry["whole_runs"] = whole_runs(case, model_dir, data, mask, items, tmp, args.rounds, say)
                 w = entry["whole_runs"]
+                w.update(steps_per_run=case.steps, rounds=args.rounds, load_average_end=os.getloadavg())
                 say(f"{name}: tokens/s toss-mlx {w['toss_tokens_per_sec']:.1f}, mlx-lm "
                     f"{w['mlx_lm_tokens_per_sec']:.1f}: ratio {w['speed_ratio']:.3f} (paired median "
                     f"{w['paired_ratio_median']:.3f}; target >= {case.target_speed}); peak memory "
                     f"{w['toss_peak_gb']:.3f} vs {w['mlx_lm_peak_gb']:.3f} GB: ratio "
-                    f"{w['memory_ratio']:.3f} (target <= {case.target_memory})")
+                    f"{w['memory_ratio']:.3f} (target <= {case.target_memory}); steady-state steps: "
+                    f"ratio {w['steady_step_ratio'] or float('nan'):.3f}")
                 results["cases"][name] = entry
                 results["machine"]["load_average_end"] = os.getloadavg()
                 write_json(args.results, results)
             if lengths:
                 entry["by_length"] = length_steps(case, model_dir, rows, share, tokenizer, tmp,
                                                   lengths, say)
+                entry["by_length"]["load_average_end"] = os.getloadavg()
                 results["cases"][name] = entry
                 results["machine"]["load_average_end"] = os.getloadavg()
                 write_json(args.results, results)

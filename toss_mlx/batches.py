@@ -246,6 +246,7 @@ def _kept_head(model: nn.Module):
     return head(model)
 
 
+LOG2_E = 1.4426950408889634
 KEEP_PROBS_BYTES = 1 << 30  # kept targets' probabilities held for the backward pass, at most
 TRAIN_CHUNK_BYTES = 64 << 20  # logits of one chunk of kept targets: few transient [k, V] buffers
 
@@ -263,18 +264,23 @@ def _ce_keeping_probs(proj, targets: mx.array):
     def ce(x: mx.array):
         logits = proj(x).astype(mx.float32)
         top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-        e = mx.exp(logits - top)
+        # exp(y) as 2^(y log2 e): the same value to float32 rounding (max 6e-8 on [0, 1]) and,
+        # compiled on this CPU, 6 ns an element instead of 14 (V of them per kept target).
+        e = mx.power(2.0, (logits - top) * LOG2_E)
         total = e.sum(axis=-1, keepdims=True)
         picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
-        return (mx.log(total) + top - picked)[:, 0], e / total
+        # softmax = e / total, left unnormalized here: the backward pass folds the division
+        # into its one elementwise pass (one pass over [k, V] fewer).
+        return (mx.log(total) + top - picked)[:, 0], e, mx.reciprocal(total)
 
     @ce.vjp
     def ce_vjp(primals, cotangents, outputs):
         # One input: mlx passes it (and takes its gradient) as a bare array.
-        x, g, probs = primals, cotangents[0], outputs[1]
+        x, g, (_, e, inverse) = primals, cotangents[0], outputs
         # (softmax - onehot(target)) * g as one elementwise expression (fused when compiled:
         # one [k, V] buffer, no scatter copy).
-        is_target = mx.arange(probs.shape[-1])[None] == targets[:, None]
+        is_target = mx.arange(e.shape[-1])[None] == targets[:, None]
+        probs = e * inverse
         d = mx.where(is_target, probs - 1, probs) * g[:, None]
         return mx.vjp(proj, [x], [d.astype(x.dtype)])[1][0]
 
