@@ -12,6 +12,9 @@
 4. `masked_loss` is the cross-entropy over kept targets, normalized per token
    (the paper's equation) or per sample (the official code), with the
    normalizer summed over all ranks so that N processes equal one process.
+   Only the kept targets' hidden states meet the vocabulary projection
+   (`kept_cross_entropy`, after `use_kept_head` checked the model once), with a
+   hand-written gradient: no [B, L, V] logits, in time or in memory.
 
 A batch is the tuple `(tokens, lengths, keep)`; mlx-lm's compiled step passes
 every element of it to the loss.
