@@ -171,11 +171,13 @@ def run_mlx_lm(model_dir: Path, items: list, scratch: Path, case: Case, steps: i
                                  max_seq_length=case.seq_len, steps_per_save=10_000,
                                  adapter_file=str(scratch / "adapters.safetensors"))
 
-    class Rates:  # mlx-lm's per-step report, as our trainer logs it (steps_per_report=1)
+    class Rates:  # mlx-lm's per-step report (steps_per_report=1)
         rates: list[float] = []
 
         def on_train_loss_report(self, info):
-            self.rates.append(info["tokens_per_second"])
+            # Its tokens_per_second counts loss targets only (default_loss's ntoks); ours
+            # counts every token of the batch, so take its step rate times the batch's tokens.
+            self.rates.append(info["iterations_per_second"] * case.batch_size * case.seq_len)
 
         def on_val_loss_report(self, info):
             pass
