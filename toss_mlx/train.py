@@ -52,6 +52,7 @@ from .batches import (
     masked_loss,
     steps_per_epoch,
 )
+from .checks import check_writable, locked
 from .config import build_config, read_yaml
 from .data import tokenize_dataset
 from .io import TossError, read_json, sha256_file, write_json, write_text
@@ -114,8 +115,21 @@ class TrainSettings:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         if self.iters is not None and self.iters < 1:
             raise ValueError(f"iters must be at least 1, got {self.iters}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        lora = self.lora
+        if isinstance(lora, LoraSettings):
+            if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+                raise ValueError(f"lora.alpha must be a positive finite number, got {lora.alpha}")
+            if not (math.isfinite(lora.dropout) and 0 <= lora.dropout < 1):
+                raise ValueError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+            if lora.rank < 1:
+                raise ValueError(f"lora.rank must be at least 1, got {lora.rank}")
+            if lora.num_layers == 0 or lora.num_layers < -1:
+                raise ValueError(f"lora.num_layers must be -1 (every layer) or at least 1, "
+                                 f"got {lora.num_layers}")
         if self.val_batches == 0 or self.val_batches < -1:
             raise ValueError(f"val_batches must be -1 (all) or at least 1, got {self.val_batches}")
 
@@ -222,7 +236,9 @@ def _check_out(s: TrainSettings) -> None:
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise TossError(f"{out}: exists and is not a folder")
-    if _holds_run(out) and not (s.resume or s.overwrite):
+    check_writable(out, "training output folder", folder=True)
+    # A folder with a run.json is resumed when the settings are the same (_start_run).
+    if _holds_run(out) and not (s.resume or s.overwrite) and not (out / "run.json").exists():
         raise TossError(f"{out}: already holds a training run; pass --resume to continue it, "
                         "--overwrite to start over, or choose another --out")
     if s.resume and _holds_run(out) and not (out / "run.json").exists():
@@ -242,12 +258,16 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _start_run(out: Path, s: TrainSettings, record: dict, rank: int) -> Path | None:
     """Prepare the output folder; return the checkpoint to resume from, if any."""
-    if s.resume and (out / "run.json").exists():
+    if not s.overwrite and (out / "run.json").exists():  # same settings: resume on its own
         old = read_json(out / "run.json")
         diff = _differences(old, json.loads(json.dumps(record)))
-        if diff:
+        if diff and s.resume:
             raise TossError(f"{out}: --resume with settings or data other than the run's:\n  "
                             + "\n  ".join(diff) + "\nuse the original ones, or --overwrite to start over")
+        if diff:
+            raise TossError(f"{out}: already holds a training run with other settings or data:\n  "
+                            + "\n  ".join(diff) + "\nuse the original ones to resume it, "
+                            "--overwrite to start over, or choose another --out")
         found = _checkpoints(out)
         if found:
             return found[-1]
@@ -306,12 +326,28 @@ def _load_init_adapter(folder: Path, model: nn.Module) -> None:
 def _save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: optim.Optimizer,
                      config: dict, best: tuple[float | None, int | None], keep: int) -> None:
     ckpt = out / "checkpoints" / f"step_{step:07d}"
+    _check_finite_weights(model, step, out)
     save_adapter(model, ckpt, config)
     meta = {"step": str(step), "best_val_loss": json.dumps(best[0]), "best_step": json.dumps(best[1])}
     save_mx_arrays(ckpt / STATE_FILE, dict(tree_flatten(optimizer.state)), meta)
     save_adapter(model, out, config)  # the latest adapter, usable while the run goes on
     for old in _checkpoints(out)[:-keep]:
         shutil.rmtree(old)
+
+
+def _check_finite_weights(model: nn.Module, step: int, out: Path) -> None:
+    """A diverged update (NaN/inf weights) must never overwrite the last good adapter."""
+    weights = adapter_weights(model)
+    if weights and not all(bool(mx.all(mx.isfinite(w)).item()) for w in weights.values()):
+        raise TossError(f"step {step}: the adapter weights became NaN or infinite (training "
+                        f"diverged); lower --lr. {_last_good(out)}")
+
+
+def _last_good(out: Path) -> str:
+    found = _checkpoints(out)
+    if found:
+        return f"The last good adapter (step {int(found[-1].name.split('_')[1])}) is kept in {out}."
+    return "No adapter was saved."
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -464,6 +500,9 @@ class _Loop:
         self.tokens += tokens
         self.kept_tokens += kept
         self.response_tokens += response
+        if not math.isfinite(info["train_loss"]):
+            raise TossError(f"step {step}: the training loss is {info['train_loss']} (training "
+                            f"diverged); lower --lr or check --alpha. {_last_good(self.out)}")
         self.losses.append(info["train_loss"])
         record = {
             "step": step,
@@ -554,8 +593,17 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     """Fine-tune `settings.model` with LoRA on the kept response tokens of `settings.data`.
 
     `on_step(record)` is called after each step with its train_log.jsonl record.
-    Returns the result (with the trained model in memory as `.model`).
+    Returns the result (with the trained model in memory as `.model`). The output
+    folder is locked meanwhile: a second process training into it gets an error.
     """
+    if Path(settings.out).exists() and not Path(settings.out).is_dir():
+        raise TossError(f"{settings.out}: exists and is not a folder")
+    check_writable(settings.out, "training output folder", folder=True)
+    with locked(settings.out):
+        return _train(settings, on_step)
+
+
+def _train(settings: TrainSettings, on_step: Callable[[dict], None] | None) -> TrainResult:
     s = settings
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
@@ -569,6 +617,9 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     data = tokenize_dataset(s.data, tokenizer, s.template, s.max_seq_len, s.format, s.skip_bad_rows)
     say(data.summary())
     train_set = KeepDataset.build(data, load_mask(s.mask, data) if s.mask else None)
+    if s.mask and not train_set.kept_targets.sum():
+        raise TossError(f"{s.mask}: the mask removes every response token; nothing would be "
+                        "trained (choose a smaller --ratio in toss-mlx select)")
     valid_set = valid = None
     if s.valid:
         valid = tokenize_dataset(s.valid, tokenizer, s.template, s.max_seq_len, s.format,
@@ -592,7 +643,11 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     if ckpt is not None:
         start, meta = _restore(ckpt, model, optimizer)
         best = (json.loads(meta.get("best_val_loss", "null")), json.loads(meta.get("best_step", "null")))
-        say(f"resuming {out} at step {start} of {total}")
+        if start >= total and (out / "train_summary.json").exists():
+            say(f"{out}: this run is finished ({total} steps); nothing to do "
+                "(--overwrite starts over)")
+            return _finished(out, model)
+        say(f"{out}: resuming at step {start} of {total}")
     kept_share = train_set.kept_targets.sum() / max(train_set.response_targets.sum(), 1)
     say(f"training {s.model}: {len(train_set)} samples, batch {s.batch_size}"
         + (f" x {world} processes" if world > 1 else "")
@@ -601,6 +656,7 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     loop = _Loop(s, model, optimizer, train_set, valid_set, out, config, start, total, best, on_step)
     seconds = loop.run() if start < total else 0.0
     if rank == 0:
+        _check_finite_weights(model, loop.step, out)
         save_adapter(model, out, config)
     n_last = min(len(loop.losses), per_epoch)
     result = TrainResult(
@@ -615,3 +671,15 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     if rank == 0:
         write_json(out / "train_summary.json", result.to_json())
     return result
+
+
+def _finished(out: Path, model: nn.Module) -> TrainResult:
+    """The result of a finished run, as its train_summary.json recorded it (left unchanged)."""
+    summary = read_json(out / "train_summary.json")
+    names = {f.name for f in dataclasses.fields(TrainResult)} - {"model"}
+    if not isinstance(summary, dict) or not names <= set(summary):
+        raise TossError(f"{out / 'train_summary.json'}: not a toss-mlx training summary; "
+                        "--overwrite starts over")
+    values = {k: summary[k] for k in names}
+    values["out"] = Path(values["out"])
+    return TrainResult(**values, model=model)
