@@ -32,7 +32,11 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds.
+
+    On any failure (disk full included) the temp file is removed, and so is a sibling
+    `<temp>.safetensors` that writers appending a suffix (mx.save_safetensors) leave.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,8 +47,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, tmp.with_name(tmp.name + ".safetensors")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 @contextlib.contextmanager
@@ -123,6 +128,8 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray],
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata=meta)
+        # save_file replaces the temp file by a new one (mode 0600); give it the user's umask.
+        os.chmod(tmp, 0o666 & ~_umask())
 
 
 def load_arrays(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -59,6 +59,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .checks import read_adapter_config
 from .data import TokenizedData
 from .io import TossError, load_arrays, save_arrays, sha256_bytes, sha256_file
 from .models.lora import strip_adapters
@@ -117,6 +118,7 @@ def adapter_sha256(folder: str | os.PathLike) -> str:
 def _check_adapter_folder(p: Path) -> None:
     if not (p / "adapter_config.json").is_file() or not (p / "adapters.safetensors").is_file():
         raise TossError(f"{p}: not an adapter folder (needs adapter_config.json and adapters.safetensors)")
+    read_adapter_config(p)  # wrong types (num_layers "abc", scale "nan") fail here, in one line
 
 
 class AdapterSwitch:

@@ -220,6 +220,26 @@ def _training_record(s: TrainSettings, data_fp: dict, total_steps: int) -> dict:
             "dataset_sha256": data_fp["dataset_sha256"], **settings}
 
 
+SELECTION_KEYS = ("strategy", "level", "ratio", "k", "seed", "removed_tokens", "scored_tokens",
+                  "samples_touched", "samples_fully_removed")
+
+
+def _selection_record(mask: str) -> dict[str, Any]:
+    """How the mask was chosen, from its metadata (strategy, ratio, counts)."""
+    from safetensors import safe_open
+
+    with safe_open(mask, framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+    out = {}
+    for key in SELECTION_KEYS:
+        if key in meta:
+            try:
+                out[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                out[key] = meta[key]
+    return out
+
+
 def _holds_run(out: Path) -> bool:
     return any((out / name).exists() for name in _RUN_FILES)
 
@@ -636,6 +656,8 @@ def _train(settings: TrainSettings, on_step: Callable[[dict], None] | None) -> T
     mx.random.seed(s.seed)  # the LoRA init
     config = add_lora(model, s.lora)
     config["toss"] = _training_record(s, data.fingerprint, total)
+    if s.mask:  # export's README shows it without reading a file outside the adapter folder
+        config["toss"]["selection"] = _selection_record(s.mask)
     optimizer = make_optimizer(s, total // s.grad_accum)
     start, best = 0, (None, None)
     if s.init_adapter and ckpt is None:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from ..checks import read_adapter_config
 from ..io import TossError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -120,8 +121,9 @@ def apply_adapter(model: nn.Module, adapter_path: str | os.PathLike) -> None:
     p = Path(adapter_path)
     if not (p / "adapter_config.json").exists() or not (p / "adapters.safetensors").exists():
         raise TossError(f"{p}: not an adapter folder (needs adapter_config.json and adapters.safetensors)")
+    read_adapter_config(p)  # wrong types fail here in one line, not deep inside mlx-lm
     try:
         load_adapters(model, str(p))
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, RuntimeError) as e:
         raise TossError(f"{p}: adapter does not match the base model ({e})") from None
     model.eval()
