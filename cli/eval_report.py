@@ -52,9 +52,15 @@ def eval_command(
         "max_prompts": max_prompts,
         "adapters": parse_adapters(adapter) or None, "include_base": False if no_base else None,
     }
+    from toss_mlx.checks import check_writable, integer, locked
+
+    if max_prompts is not None:
+        integer(max_prompts, "--max-prompts", 1)  # 0 would mean "all" in the settings
     layers = [read_yaml(config)] if config else []
     settings = build_config(EvalSettings, *layers, flags, source=str(config or "eval"))
-    result = evaluate(settings, out, quiet=quiet)
+    check_writable(out, "eval file")
+    with locked(out, folder=False):  # one evaluation per output file at a time
+        result = evaluate(settings, out, quiet=quiet)
     if not quiet:
         from rich.console import Console
 
@@ -97,6 +103,9 @@ def report_command(
         raise TossError("report: give a RUN_DIR, or --scores S [--mask M --data D], or --eval E.json")
     else:
         inputs = ReportInputs(scores, mask, data, list(eval_file), model)
+    from toss_mlx.checks import check_writable
+
+    check_writable(out, "report file")
     summary = build_report(inputs, out, top=top, random_n=random_samples, seed=seed, title=title)
     if not quiet:
         parts = [f"{k.replace('_', ' ')} {v:,}" for k, v in summary.items() if k != "bytes"]

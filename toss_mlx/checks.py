@@ -243,3 +243,10 @@ def locked(output: str | os.PathLike, folder: bool = True) -> Iterator[Path]:
     finally:
         if taken:
             _release(lock)
+
+
+def hold(output: str | os.PathLike, folder: bool = True) -> Path:
+    """Take the lock of `output` until this process exits (for long runs such as `toss-mlx run`)."""
+    lock = lock_file_for(output, folder)
+    _acquire(lock, Path(output).absolute())
+    return lock

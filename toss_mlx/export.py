@@ -28,7 +28,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .checks import read_adapter_config
+from .checks import check_writable, read_adapter_config
 from .io import TossError, atomic_dir, write_json, write_text
 
 FORMATS = ("mlx", "peft")
@@ -431,6 +431,7 @@ def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: 
     adapter = read_adapter(adapter_dir)
     out = Path(out)
     check_output(out, adapter.folder)
+    check_writable(out, "export folder", folder=True)
     base_model = base_model_id or recorded_base_model(adapter.config)
     if fmt == "peft":
         weights, peft_config = to_peft(adapter, hub_id(base_model))

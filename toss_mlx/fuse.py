@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .checks import check_writable
 from .export import check_output, read_adapter
 from .io import TossError, atomic_dir
 from .models.load import apply_adapter, is_quantized, resolve_model_path
@@ -100,6 +101,7 @@ def fuse_adapter(model_spec: str, adapter_dir: str | os.PathLike, out: str | os.
     path = resolve_model_path(model_spec)
     sources = [adapter_dir] + ([Path(path)] if Path(path).exists() else [])
     check_output(out, *sources)
+    check_writable(out, "fused model folder", folder=True)  # before loading the model
     if out.exists() and any(out.iterdir()) and not _is_fused_model(out):
         raise TossError(f"{out}: folder exists and holds other files; "
                         "choose another --out or empty it")

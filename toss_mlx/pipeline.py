@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .checks import check_writable, hold
 from .config import build_config, merge, parse_overrides, read_yaml
 from .io import TossError, read_json, sha256_bytes, sha256_file, write_json, write_text
 from .models.lora import LoraSettings
@@ -347,7 +348,9 @@ def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | 
     """Validate the recipe, then run its stages in RUN_DIR (default runs/<name>)."""
     recipe, base = load_recipe(recipe_path, overrides)
     run_dir = Path(out or Path("runs") / recipe.name)
+    check_writable(run_dir, "run folder", folder=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold(run_dir)  # one `toss-mlx run` per run folder at a time
     stages = build_stages(recipe, base, run_dir)
     if only_until:
         names = [s.name for s in stages]

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .checks import check_writable, choice, finite, hold
 from .io import TossError, read_json, write_json, write_text
 from .score import Scores, ScoreSettings, floor_share, load_scores, score
 from .train import TrainSettings
@@ -99,6 +100,10 @@ def _check(s: RefineSettings) -> None:
         raise TossError(f"rounds must be at least 1, got {s.rounds}")
     if s.k < 1:
         raise TossError(f"k must be at least 1, got {s.k}")
+    choice(s.retrain, "--retrain", ("scratch", "continue"))
+    finite(s.ratio, "--ratio", 0, 1, low_open=True, high_open=True)
+    check_writable(s.out, "refine output folder", folder=True)
+    hold(s.out)  # one refine per output folder at a time (until this process exits)
     for name in ("data", "harmful"):
         if not Path(getattr(s, name)).exists():
             raise TossError(f"{getattr(s, name)}: {name} file not found")

@@ -59,7 +59,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .checks import read_adapter_config
+from .checks import check_writable, locked, read_adapter_config
 from .data import TokenizedData
 from .io import TossError, load_arrays, save_arrays, sha256_bytes, sha256_file
 from .models.lora import strip_adapters
@@ -490,6 +490,7 @@ def score_dataset(model: str | nn.Module, utility: str | os.PathLike, safety: st
 
     for p in (utility, safety):
         _check_adapter_folder(Path(p))
+    check_writable(out, "scores file")  # before the compute, not after it
     if isinstance(model, str):
         from .models.load import load_model
 
@@ -536,11 +537,16 @@ class ScoreSettings:
 
 
 def score(s: ScoreSettings, model: nn.Module | None = None, tokenizer=None) -> Scores:
-    """Run `score_dataset` from settings; pass a loaded `model` and `tokenizer` to reuse them."""
-    return score_dataset(model if model is not None else s.model, s.utility, s.safety, s.data, s.out,
-                         tokenizer=tokenizer, template=s.template, max_seq_len=s.max_seq_len,
-                         batch_tokens=s.batch_tokens, model_name=s.model, fmt=s.fmt,
-                         skip_bad_rows=s.skip_bad_rows, quiet=s.quiet, flush_seconds=s.flush_seconds)
+    """Run `score_dataset` from settings; pass a loaded `model` and `tokenizer` to reuse them.
+
+    The output is locked meanwhile: a second process scoring into it gets an error."""
+    check_writable(s.out, "scores file")
+    with locked(s.out, folder=False):
+        return score_dataset(model if model is not None else s.model, s.utility, s.safety, s.data,
+                             s.out, tokenizer=tokenizer, template=s.template,
+                             max_seq_len=s.max_seq_len, batch_tokens=s.batch_tokens,
+                             model_name=s.model, fmt=s.fmt, skip_bad_rows=s.skip_bad_rows,
+                             quiet=s.quiet, flush_seconds=s.flush_seconds)
 
 
 # ---------------------------------------------------------------- reading
