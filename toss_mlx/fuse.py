@@ -108,8 +108,8 @@ def fuse_adapter(model_spec: str, adapter_dir: str | os.PathLike, out: str | os.
     try:
         # mlx_lm.load keeps the stored dtype and quantization (load_model would dequantize).
         model, tokenizer, config = load(path, return_config=True)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise TossError(f"{model_spec}: could not load the model ({e})") from None
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: truncated weights
+        raise TossError(f"{model_spec}: could not load the model ({' '.join(str(e).split())})") from None
     apply_adapter(model, adapter_dir)
     count = fuse_layers(model, dequantize=dequantize)
     if dequantize:

@@ -36,7 +36,7 @@ How it runs:
    that predict a response token are projected onto the vocabulary, in chunks
    (see `toss_mlx.token_loss`).
 4. Finished batches are flushed to shards in `<out>.partial/` every
-   `flush_seconds`; a killed run started again with the same arguments loads
+   FLUSH_BATCHES batches or `flush_seconds`, whichever comes first; a killed run started again with the same arguments loads
    them and computes only the rest. The final file is written atomically and
    the shards are removed.
 5. Under `mlx.launch` (any backend, e.g. ring) each rank takes every
@@ -66,6 +66,7 @@ from .models.lora import strip_adapters
 from .token_loss import padding_changes_positions, pick_path, response_losses
 
 FORMAT_VERSION = "1"
+FLUSH_BATCHES = 4  # finished batches are saved as a shard every this many batches (or 30 s)
 ARRAYS = {  # name -> dtype of the scores file
     "offsets": np.int64, "row_index": np.int64, "token_ids": np.int32, "response_mask": np.uint8,
     "loss_utility": np.float32, "loss_safety": np.float32, "score": np.float32,
@@ -436,6 +437,9 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
         else:
             todo.append(b)
 
+    if done and progress and rank == 0:
+        already = sum(len(b.samples) for b in batches if b.index in done)
+        print(f"resuming: {already} of {len(lengths)} samples already scored")
     switch = AdapterSwitch(model, [utility, safety])
     bar = _Progress(progress and rank == 0, mine, set(done))
     try:
@@ -451,7 +455,8 @@ def score_tokens(model: nn.Module, data: TokenizedData, utility: str | os.PathLi
                 losses[i] = response_losses(model, inputs, rows, targets, chosen)
             loss_u[positions], loss_h[positions] = losses
             store.add(b.index, positions, *losses)
-            if time.perf_counter() - last_flush >= flush_seconds:
+            if (time.perf_counter() - last_flush >= flush_seconds
+                    or len(store.pending) >= FLUSH_BATCHES):  # by work done, too: a kill loses little
                 store.flush()
                 last_flush = time.perf_counter()
             bar.advance(b, len(positions))

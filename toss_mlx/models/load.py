@@ -106,8 +106,9 @@ def load_model(spec: str, adapter_path: str | None = None, dtype: str | None = N
     path = resolve_model_path(spec)
     try:
         model, tokenizer = load(path)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise TossError(f"{spec}: could not load the model ({e})") from None
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        # RuntimeError: mlx's safetensors reader on a truncated or corrupt weights file
+        raise TossError(f"{spec}: could not load the model ({' '.join(str(e).split())})") from None
     set_dtype(model, dtype, quiet=quiet)
     if adapter_path is not None:
         apply_adapter(model, adapter_path)
