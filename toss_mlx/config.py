@@ -123,7 +123,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str])
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        problems.append(f"{prefix.rstrip('.') or cls.__name__}: {e}")
+        problems.append(f"{prefix.rstrip('.') or cls.__name__}: {e}" if prefix else str(e))
         return None  # type: ignore[return-value]
 
 
@@ -160,6 +160,8 @@ def build_config(cls: type[T], *layers: dict[str, Any], source: str = "config") 
         data = merge(data, {k: v for k, v in layer.items() if v is not None})
     problems: list[str] = []
     cfg = _build(cls, data, "", problems)
+    if len(problems) == 1:  # the usual case: one line
+        raise TossError(f"{source}: invalid setting {problems[0]}")
     if problems:
         raise TossError(f"{source}: invalid settings:\n  " + "\n  ".join(problems))
     return cfg
