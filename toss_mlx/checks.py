@@ -141,11 +141,8 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     if kind == "full":
         return config
     params = config.get("lora_parameters")
-    if not isinstance(params, dict):
-        raise TossError(f"{path}: lora_parameters must be an object with rank and scale, "
-                        f"got {params!r}")
-    if "rank" not in params or "scale" not in params:
-        raise TossError(f"{path}: lora_parameters needs rank and scale")
+    if not isinstance(params, dict) or "rank" not in params or "scale" not in params:
+        raise TossError(f"{path}: lora_parameters with rank and scale are missing")
     integer(params["rank"], "lora_parameters.rank", 1, where=str(path))
     finite(params["scale"], "lora_parameters.scale", where=str(path))
     if "dropout" in params:
