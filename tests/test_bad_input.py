@@ -593,3 +593,12 @@ def test_a_huge_row_is_refused_before_tokenizing(files, tmp_path):
     fails(args, f"{data}:3: row is 1,000,", "characters", allowed=(out,))
     skipped = invoke(args + ["--set", "skip_bad_rows=true"])
     assert skipped.exit_code == 0, skipped.output
+
+
+def test_run_checks_data_encoding_before_any_compute(files, tmp_path):
+    bad = tmp_path / "custom.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    recipe = _recipe(files, tmp_path)
+    fails(["run", recipe, "--set", f"data.custom={bad}", "--out", tmp_path / "run"],
+          f"{bad}:2: not UTF-8 text")
+    assert not (tmp_path / "run").exists()

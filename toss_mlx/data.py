@@ -173,6 +173,14 @@ def _read_utf8(path: Path) -> str:
                         f"{column}); save the file as UTF-8") from None
 
 
+def check_text_files(paths) -> None:
+    """Fail now, before any compute, on a data file that is not UTF-8 (naming its line)."""
+    for path in paths:
+        p = Path(path) if path is not None else None
+        if p is not None and p.is_file() and p.suffix.lower() != ".parquet":
+            _read_utf8(p)
+
+
 def _bad(source: str, line: int, problem: str, skip: bool, skipped: list | None) -> None:
     if not skip:
         raise BadRow(source, line, problem + " (use --skip-bad-rows to skip such rows)")

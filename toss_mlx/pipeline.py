@@ -33,6 +33,7 @@ import numpy as np
 
 from .checks import check_writable, hold
 from .config import build_config, merge, parse_overrides, read_yaml
+from .data import check_text_files
 from .io import TossError, read_json, sha256_bytes, sha256_file, write_json, write_text
 from .models.lora import LoraSettings
 
@@ -347,6 +348,9 @@ def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | 
         only_until: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Validate the recipe, then run its stages in RUN_DIR (default runs/<name>)."""
     recipe, base = load_recipe(recipe_path, overrides)
+    if not recipe.data.prepare:  # non-UTF-8 data stops here, not after two trainings
+        check_text_files(base / getattr(recipe.data, f.name) for f in dataclasses.fields(recipe.data)
+                         if isinstance(getattr(recipe.data, f.name), str) and f.name != "prepare")
     run_dir = Path(out or Path("runs") / recipe.name)
     check_writable(run_dir, "run folder", folder=True)
     run_dir.mkdir(parents=True, exist_ok=True)
