@@ -602,3 +602,37 @@ def test_run_checks_data_encoding_before_any_compute(files, tmp_path):
     fails(["run", recipe, "--set", f"data.custom={bad}", "--out", tmp_path / "run"],
           f"{bad}:2: not UTF-8 text")
     assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_between_shards_keeps_the_earlier_ones(files, tmp_path, monkeypatch):
+    """The disk fills while saving the second shard: the first one survives and is reused."""
+    import safetensors.numpy
+
+    from toss_mlx.io import load_arrays
+
+    real = safetensors.numpy.save_file
+    out = tmp_path / "scores.safetensors"
+    saved = []
+
+    def full_disk(arrays, path, *args, **kwargs):
+        if Path(path).name.startswith(".shard-"):
+            if saved:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            saved.append(path)
+        return real(arrays, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    # 64-token batches: 8 samples make several batches, so the first shard (4 batches) is not all.
+    fails(score_args(files, out, "--batch-tokens", "64"), "no space left", allowed=(out,))
+    shards = sorted((tmp_path / f"{out.name}.partial").glob("shard-*.safetensors"))
+    assert len(shards) == 1 and not out.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    positions = load_arrays(shards[0])[0]["positions"]
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    again = invoke(score_args(files, out, "--batch-tokens", "64", quiet=False))
+    assert again.exit_code == 0, again.output
+    # The samples the kept shard covers, counted from its token positions and the offsets.
+    offsets = load_arrays(out)[0]["offsets"]
+    covered = len(set(np.searchsorted(offsets, positions, side="right") - 1))
+    assert 0 < covered < len(ROWS)
+    assert f"resuming: {covered} of {len(ROWS)} samples already scored" in again.output
