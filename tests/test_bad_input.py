@@ -284,8 +284,9 @@ def test_disk_full_during_train_keeps_no_temp_file(files, tmp_path, monkeypatch)
     assert not leftovers, leftovers
     monkeypatch.setattr(mx, "save_safetensors", real)
     # The checkpoint saved before the disk filled is complete; a rerun resumes from it.
-    resumed = invoke(train_args(files, out, "--set", "save_every=1"))
+    resumed = invoke(train_args(files, out, "--set", "save_every=1", quiet=False))  # no --resume
     assert resumed.exit_code == 0, resumed.output
+    assert "resuming at step 1 of 2" in " ".join(resumed.output.split())
     assert json.loads((out / "train_summary.json").read_text())["resumed_from"] == 1
 
 

@@ -197,9 +197,21 @@ def lock_file_for(output: str | os.PathLike, folder: bool) -> Path:
     return output.with_name(f".{output.name}.lock")
 
 
+def _rank() -> int:
+    import mlx.core as mx
+
+    try:
+        return mx.distributed.init().rank()
+    except Exception:  # no distributed backend: a single process
+        return 0
+
+
 def _acquire(lock: Path, output: Path) -> bool:
-    """Take `lock`; return False if this process held it already."""
-    if lock in _held:
+    """Take `lock`; return False if this process held it already.
+
+    Under `mlx.launch` the processes of one job share the output: rank 0 holds the lock.
+    """
+    if lock in _held or _rank() != 0:
         return False
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
