@@ -30,6 +30,7 @@ app = typer.Typer(
 )
 
 DEBUG_ENV = "TOSS_MLX_DEBUG"
+_debug_flag = False  # set by --debug on every invocation (not kept in os.environ, so no leak)
 
 
 @app.callback()
@@ -37,12 +38,12 @@ def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error "
                                "(same as TOSS_MLX_DEBUG=1)."),
 ) -> None:
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    global _debug_flag
+    _debug_flag = debug
 
 
 def debugging() -> bool:
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return _debug_flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 # What each errno means for the user, and what to do about it.
