@@ -637,3 +637,11 @@ def test_disk_full_between_shards_keeps_the_earlier_ones(files, tmp_path, monkey
     covered = len(set(np.searchsorted(offsets, positions, side="right") - 1))
     assert 0 < covered < len(ROWS)
     assert f"resuming: {covered} of {len(ROWS)} samples already scored" in again.output
+
+
+def test_refine_checks_data_encoding_before_training(files, tmp_path):
+    bad = tmp_path / "harmful.jsonl"
+    bad.write_bytes(b'{"prompt": "caf\xe9", "completion": "b"}\n')
+    cmd = _write_commands(files, tmp_path)["refine"]
+    cmd[cmd.index("--harmful") + 1] = bad
+    fails(cmd, f"{bad}:1: not UTF-8 text")

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .checks import check_writable, choice, finite, hold
+from .data import check_text_files
 from .io import TossError, read_json, write_json, write_text
 from .score import Scores, ScoreSettings, floor_share, load_scores, score
 from .train import TrainSettings
@@ -103,10 +104,11 @@ def _check(s: RefineSettings) -> None:
     choice(s.retrain, "--retrain", ("scratch", "continue"))
     finite(s.ratio, "--ratio", 0, 1, low_open=True, high_open=True)
     check_writable(s.out, "refine output folder", folder=True)
-    hold(s.out)  # one refine per output folder at a time (until this process exits)
     for name in ("data", "harmful"):
         if not Path(getattr(s, name)).exists():
             raise TossError(f"{getattr(s, name)}: {name} file not found")
+    check_text_files([s.data, s.harmful])  # not UTF-8: stop now, not after round 0's training
+    hold(s.out)  # one refine per output folder at a time (until this process exits)
 
 
 def _score(s: RefineSettings, safety: Path, out: Path) -> Scores:
