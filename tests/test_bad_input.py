@@ -645,3 +645,17 @@ def test_refine_checks_data_encoding_before_training(files, tmp_path):
     cmd = _write_commands(files, tmp_path)["refine"]
     cmd[cmd.index("--harmful") + 1] = bad
     fails(cmd, f"{bad}:1: not UTF-8 text")
+
+
+def test_a_run_stopped_by_bad_settings_does_not_block_the_next(files, tmp_path):
+    out = tmp_path / "adapter"
+    fails(train_args(files, out, "--targets", "foo"), "LoRA targets ['foo'] are not modules",
+          allowed=(out,))
+    ok = invoke(train_args(files, out))  # nothing was trained: no --overwrite needed
+    assert ok.exit_code == 0, ok.output
+
+
+def test_a_wrong_type_is_one_problem(files, tmp_path):
+    line = fails(train_args(files, tmp_path / "o", "--set", "lora.rank=abc"),
+                 "invalid setting lora.rank: expected int, got 'abc'")
+    assert "not supported" not in line

@@ -111,6 +111,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
 def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str]) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = len(problems)
     kwargs = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -120,6 +121,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str])
             problems.append(f"{prefix}{key}: unknown setting{hint}")
             continue
         kwargs[name] = _coerce(value, hints[name], f"{prefix}{key}", problems)
+    if len(problems) > known:  # a wrong type: its checks in __post_init__ would only add noise
+        return None  # type: ignore[return-value]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

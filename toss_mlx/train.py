@@ -281,10 +281,12 @@ def _start_run(out: Path, s: TrainSettings, record: dict, rank: int) -> Path | N
     if not s.overwrite and (out / "run.json").exists():  # same settings: resume on its own
         old = read_json(out / "run.json")
         diff = _differences(old, json.loads(json.dumps(record)))
-        if diff and s.resume:
+        # A run that saved nothing yet (e.g. stopped by bad settings) has nothing to lose.
+        started = bool(_checkpoints(out)) or (out / "adapters.safetensors").exists()
+        if diff and s.resume and started:
             raise TossError(f"{out}: --resume with settings or data other than the run's:\n  "
                             + "\n  ".join(diff) + "\nuse the original ones, or --overwrite to start over")
-        if diff:
+        if diff and started:
             raise TossError(f"{out}: already holds a training run with other settings or data:\n  "
                             + "\n  ".join(diff) + "\nuse the original ones to resume it, "
                             "--overwrite to start over, or choose another --out")
