@@ -659,3 +659,21 @@ def test_a_wrong_type_is_one_problem(files, tmp_path):
     line = fails(train_args(files, tmp_path / "o", "--set", "lora.rank=abc"),
                  "invalid setting lora.rank: expected int, got 'abc'")
     assert "not supported" not in line
+
+
+def test_samples_left_without_response_tokens_are_warned_about(files, tmp_path, tokenizer):
+    from toss_mlx.data import tokenize_dataset
+
+    data = tmp_path / "long.jsonl"
+    rows = ROWS[:3] + [{"prompt": "tokens numbers " * 40, "completion": "ok"}] * 2
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    limit = 48
+    # Independently: a sample loses every response token when its first one lies at or after the limit.
+    full = tokenize_dataset(data, tokenizer, max_seq_len=4096)
+    expected = sum(int(np.argmax(s.response_mask)) >= limit for s in full.samples)
+    assert expected == 2
+    out = tmp_path / "adapter"
+    result = invoke(train_args(files, out, "--max-seq-len", str(limit), data=data, quiet=False))
+    assert result.exit_code == 0, result.output
+    assert f"warning: {expected} keep no response token within {limit} tokens" in " ".join(
+        result.output.split())

@@ -73,6 +73,7 @@ class TokenizedData:
     source: str
     truncated: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, problem)
+    no_response: int = 0  # samples whose truncation left no response token (they teach nothing)
 
     @property
     def response_tokens(self) -> int:
@@ -96,6 +97,9 @@ class TokenizedData:
         parts = [f"{len(self.samples)} samples", f"{self.response_tokens} response tokens"]
         if self.truncated:
             parts.append(f"{self.truncated} truncated at {self.fingerprint['max_seq_len']} tokens")
+        if self.no_response:
+            parts.append(f"warning: {self.no_response} keep no response token within "
+                         f"{self.fingerprint['max_seq_len']} tokens (raise --max-seq-len)")
         if self.skipped:
             lines = ", ".join(str(line) for line, _ in self.skipped[:10])
             more = "..." if len(self.skipped) > 10 else ""
@@ -442,7 +446,8 @@ def tokenize_dataset(path: str | os.PathLike, tokenizer, template: str = "chat",
         "template": template,
         "max_seq_len": int(max_seq_len),
     }
-    return TokenizedData(samples, fingerprint, source, truncated, skipped)
+    no_response = sum(not s.response_mask.any() for s in samples)
+    return TokenizedData(samples, fingerprint, source, truncated, skipped, no_response)
 
 
 def check_fingerprint(expected: dict[str, Any], found: dict[str, Any], what: str) -> None:
