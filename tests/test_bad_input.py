@@ -677,3 +677,78 @@ def test_samples_left_without_response_tokens_are_warned_about(files, tmp_path, 
     assert result.exit_code == 0, result.output
     assert f"warning: {expected} keep no response token within {limit} tokens" in " ".join(
         result.output.split())
+
+
+# ---------------------------------------------------------------- real file systems, where allowed
+
+
+def _mount(target: Path, options: str) -> None:
+    target.mkdir(exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot mount a tmpfs here ({e})")
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+
+
+def _umount(target: Path) -> None:
+    subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 100 KB file system (tmpfs): writes past it fail with ENOSPC."""
+    disk = tmp_path / "disk"
+    _mount(disk, "size=100k")
+    yield disk
+    _umount(disk)
+
+
+@pytest.fixture(scope="module")
+def read_only_disk(tmp_path_factory):
+    """A real read-only mount (even root cannot write there)."""
+    disk = tmp_path_factory.mktemp("ro-mount") / "ro"
+    _mount(disk, "ro,size=64k")
+    yield disk
+    _umount(disk)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_real_read_only_mount(files, tmp_path, read_only_disk, command):
+    _recipe(files, tmp_path)
+    cmd = _write_commands(files, read_only_disk)[command]
+    if command == "run":
+        cmd[1] = _recipe(files, tmp_path)
+    fails(cmd, str(read_only_disk), "read-only")
+
+
+def test_real_full_disk_in_train(files, small_disk):
+    out = small_disk / "adapter"
+    args = train_args(files, out, "--set", "save_every=1")
+    args[args.index("--iters") + 1] = "8"
+    fails(args, "no space left on the device", allowed=(out,))
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]
+
+
+def test_real_full_disk_in_score_keeps_the_losses(files, tmp_path, small_disk):
+    from toss_mlx.score import load_scores
+
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}? " * 2,
+             "completion": f"The answer is {2 * i}. " * 20} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = small_disk / "scores.safetensors"
+    args = score_args(files, out, "--batch-tokens", "256", data=data)
+    fails(args, "no space left on the device", allowed=(out,))
+    assert not [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
+    shards = list((small_disk / f"{out.name}.partial").glob("shard-*.safetensors"))
+    assert shards
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True, timeout=30)
+    again = invoke(score_args(files, out, "--batch-tokens", "256", data=data, quiet=False))
+    assert again.exit_code == 0, again.output
+    assert "resuming: " in again.output
+    fresh = tmp_path / "fresh.safetensors"
+    assert invoke(score_args(files, fresh, "--batch-tokens", "256", data=data)).exit_code == 0
+    np.testing.assert_array_equal(load_scores(out).score, load_scores(fresh).score)

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..io import TossError, atomic_path, write_json
+from ..io import TossError, atomic_path, write_failed, write_json
 
 
 @dataclass
@@ -95,7 +95,10 @@ def save_mx_arrays(path: str | os.PathLike, arrays: dict[str, mx.array],
     with atomic_path(path) as tmp:
         # mx.save_safetensors appends ".safetensors" to names lacking it.
         target = tmp.with_name(tmp.name + ".safetensors")
-        mx.save_safetensors(str(target), arrays, metadata=metadata or {})
+        try:
+            mx.save_safetensors(str(target), arrays, metadata=metadata or {})
+        except RuntimeError as e:  # mlx's "[write] Unable to write": usually a full disk
+            raise write_failed(path, e) from None
         os.replace(target, tmp)
 
 
