@@ -4,9 +4,10 @@ Each case runs `toss-mlx ...` with Typer's CliRunner on the tiny test model and 
 exit code 2, exactly one `error:` line naming the problem, no traceback, and that no
 file outside the output the command was asked to write was created or changed (every
 file under pytest's temporary root is compared before and after, by size and mtime).
-Faults that cannot be caused for real in CI (a full disk; a read-only folder when the
-tests run as root, who may write anywhere) are simulated by making the write fail
-with the errno the kernel would give.
+Faults are caused for real where the machine allows it (a 100 KB tmpfs that fills up,
+a read-only tmpfs mount) and those tests skip elsewhere; the same faults are also
+simulated everywhere, by making the write fail with the errno the kernel would give
+(chmod is no test when the tests run as root, who may write anywhere).
 """
 
 from __future__ import annotations
@@ -752,3 +753,16 @@ def test_real_full_disk_in_score_keeps_the_losses(files, tmp_path, small_disk):
     fresh = tmp_path / "fresh.safetensors"
     assert invoke(score_args(files, fresh, "--batch-tokens", "256", data=data)).exit_code == 0
     np.testing.assert_array_equal(load_scores(out).score, load_scores(fresh).score)
+
+
+@pytest.mark.parametrize("command", ["export", "fuse"])
+def test_real_full_disk_in_export_and_fuse(files, small_disk, command):
+    out = small_disk / "out"
+    cmd = {"export": ["export", files["utility"], "--format", "peft", "--out", out, "-q"],
+           "fuse": ["fuse", "--model", files["model"], "--adapter", files["utility"], "--out", out,
+                    "-q"]}[command]
+    if command == "export":  # a PEFT export of the tiny adapter is ~30 KB: fill the disk first
+        (small_disk / "filler").write_bytes(b"\0" * 90_000)
+    fails(cmd, "no space left", allowed=(out, small_disk / "filler"))
+    assert not out.exists()
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]

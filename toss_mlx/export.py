@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 
 from .checks import check_writable, read_adapter_config
-from .io import TossError, atomic_dir, write_json, write_text
+from .io import TossError, atomic_dir, write_failed, write_json, write_text
 
 FORMATS = ("mlx", "peft")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
@@ -439,8 +439,11 @@ def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: 
     with atomic_dir(out, replaceable=_is_export) as tmp:
         if fmt == "peft":
             write_json(tmp / "adapter_config.json", peft_config)
-            mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights,
-                                metadata={"format": "pt"})
+            try:
+                mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights,
+                                    metadata={"format": "pt"})
+            except RuntimeError as e:  # mlx's "[write] Unable to write": usually a full disk
+                raise write_failed(out / "adapter_model.safetensors", e) from None
         else:
             shutil.copyfile(adapter.folder / "adapter_config.json", tmp / "adapter_config.json")
             shutil.copyfile(adapter.folder / "adapters.safetensors", tmp / "adapters.safetensors")

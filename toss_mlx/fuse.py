@@ -20,7 +20,7 @@ from mlx.utils import tree_unflatten
 
 from .checks import check_writable
 from .export import check_output, read_adapter
-from .io import TossError, atomic_dir
+from .io import TossError, atomic_dir, write_failed
 from .models.load import apply_adapter, is_quantized, resolve_model_path
 
 README_MARK = "<!-- written by toss-mlx fuse -->"
@@ -118,7 +118,10 @@ def fuse_adapter(model_spec: str, adapter_dir: str | os.PathLike, out: str | os.
         config.pop("quantization_config", None)
     quantized = is_quantized(model)
     with atomic_dir(out, replaceable=_is_fused_model) as tmp:
-        save(tmp, path, model, tokenizer, config, donate_model=False)
+        try:
+            save(tmp, path, model, tokenizer, config, donate_model=False)
+        except RuntimeError as e:  # mlx's "[write] Unable to write": usually a full disk
+            raise write_failed(out, e) from None
         with open(tmp / "README.md", "a") as f:
             f.write(_readme(model_spec, adapter_dir, quantized, config))
     return FuseResult(out, count, quantized)
