@@ -100,6 +100,15 @@ def describe(exc: BaseException) -> str:
             f"(rerun with --debug for the traceback)")
 
 
+# Exceptions that are the CLI's own control flow, not errors: typer's (it vendors its own
+# click) and click's, should a command raise one of those.
+_CONTROL: tuple[type[BaseException], ...] = tuple({
+    SystemExit, typer.Exit, typer.Abort,
+    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+    click.exceptions.Exit, click.exceptions.Abort, click.ClickException,
+})
+
+
 def friendly(fn):
     """Turn any exception into a one-line message and exit code 2 (no traceback unless debugging)."""
 
@@ -107,7 +116,7 @@ def friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+        except _CONTROL:
             raise  # typer.Exit, BadParameter and sys.exit carry their own message and code
         except KeyboardInterrupt:
             typer.secho("interrupted; rerun the same command to resume", err=True)

@@ -766,3 +766,20 @@ def test_real_full_disk_in_export_and_fuse(files, small_disk, command):
     fails(cmd, "no space left", allowed=(out, small_disk / "filler"))
     assert not out.exists()
     assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("control", ["exit", "bad-parameter", "sys-exit"])
+def test_the_clis_own_exits_pass_through(control):
+    """typer.Exit (doctor's status), BadParameter (usage errors) and sys.exit are no errors."""
+    import typer
+    from toss_mlx_cli.common import friendly
+
+    exc = {"exit": typer.Exit(3), "bad-parameter": typer.BadParameter("no"),
+           "sys-exit": SystemExit(4)}[control]
+
+    @friendly
+    def command():
+        raise exc
+
+    with pytest.raises(type(exc)):
+        command()
