@@ -15,7 +15,6 @@ import os
 import sys
 import traceback
 
-import click
 import typer
 
 import toss_mlx  # noqa: F401  (preloads BLAS before anything imports mlx.core)
@@ -102,11 +101,17 @@ def describe(exc: BaseException) -> str:
 
 # Exceptions that are the CLI's own control flow, not errors: typer's (it vendors its own
 # click) and click's, should a command raise one of those.
-_CONTROL: tuple[type[BaseException], ...] = tuple({
+# (typer 0.29 vendors click and does not install it; older typer uses click itself.)
+_CONTROL: tuple[type[BaseException], ...] = (
     SystemExit, typer.Exit, typer.Abort,
     next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
-    click.exceptions.Exit, click.exceptions.Abort, click.ClickException,
-})
+)
+try:
+    import click
+
+    _CONTROL += (click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
+except ImportError:
+    pass
 
 
 def friendly(fn):
