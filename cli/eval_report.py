@@ -35,6 +35,8 @@ def eval_command(
     max_prompts: int = typer.Option(None, help="Use the first N prompts of each file (default: all)."),
     config: Path = typer.Option(None, "--config", "-c",
                                 help="YAML of eval settings (model, adapters, harmful, benign, edgy, decode, top_p, ...); flags win."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override any eval setting: "
+                                        "key=value, e.g. --set top_p=0.95."),
     out: Path = typer.Option(Path("eval.json"), "--out", "-o", help="Where to write eval.json."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
 ):
@@ -42,7 +44,7 @@ def eval_command(
 
     Safety (refusal and attack success rates with Wilson 95% intervals, optional judge),
     over-refusal on benign-but-edgy prompts, and utility (NLL, exact match)."""
-    from toss_mlx.config import build_config, read_yaml
+    from toss_mlx.config import layered_settings, parse_overrides
     from toss_mlx.evaluate import EvalSettings, evaluate, metrics_table, parse_adapters
 
     flags = {
@@ -56,8 +58,8 @@ def eval_command(
 
     if max_prompts is not None:
         integer(max_prompts, "--max-prompts", 1)  # 0 would mean "all" in the settings
-    layers = [read_yaml(config)] if config else []
-    settings = build_config(EvalSettings, *layers, flags, source=str(config or "eval"))
+    settings = layered_settings(EvalSettings, config, parse_overrides(overrides or []),
+                                flags, source="eval")
     check_writable(out, "eval file")
     with locked(out, folder=False):  # one evaluation per output file at a time
         result = evaluate(settings, out, quiet=quiet)

@@ -311,7 +311,7 @@ def test_disk_full_during_score_keeps_the_losses(files, tmp_path, monkeypatch):
     again = invoke(score_args(files, out, "--batch-tokens", "64", quiet=False))
     assert again.exit_code == 0, again.output
     assert f"resuming: {len(ROWS)} of {len(ROWS)} samples already scored" in again.output
-    from toss_mlx.score import load_scores
+    from toss_mlx.layout import load_scores
 
     fresh = tmp_path / "fresh.safetensors"
     assert invoke(score_args(files, fresh, "--batch-tokens", "64")).exit_code == 0
@@ -387,7 +387,7 @@ def test_diverging_training_stops_and_keeps_the_last_good_adapter(files, tmp_pat
 
     import toss_mlx.train as train_module
 
-    original = train_module._Loop.on_train_loss_report
+    original = train_module._TrainingCallback.on_train_loss_report
 
     def diverge_at_step_3(self, info):
         if self.start + info["iteration"] == 3:
@@ -399,7 +399,7 @@ def test_diverging_training_stops_and_keeps_the_last_good_adapter(files, tmp_pat
                         module.lora_b = module.lora_b * mx.array(float("inf"))
         return original(self, info)
 
-    monkeypatch.setattr(train_module._Loop, "on_train_loss_report", diverge_at_step_3)
+    monkeypatch.setattr(train_module._TrainingCallback, "on_train_loss_report", diverge_at_step_3)
     out = tmp_path / "adapter"
     args = train_args(files, out, "--set", "save_every=1")
     args[args.index("--iters") + 1] = "4"
@@ -734,7 +734,7 @@ def test_real_full_disk_in_train(files, small_disk):
 
 
 def test_real_full_disk_in_score_keeps_the_losses(files, tmp_path, small_disk):
-    from toss_mlx.score import load_scores
+    from toss_mlx.layout import load_scores
 
     data = tmp_path / "long.jsonl"
     rows = [{"prompt": f"Question {i}: what is {i} plus {i}? " * 2,

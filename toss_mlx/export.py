@@ -403,11 +403,13 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
 # Export
 
 
-def _is_export(folder: Path) -> bool:
-    """True for a folder an earlier export wrote (safe to replace)."""
+def is_earlier_output(folder: Path, mark: str = README_MARK) -> bool:
+    """True for a folder of plain files whose README.md carries `mark`: an earlier output of
+    the command that writes that mark (export's by default; fuse passes its own), so it is
+    safe to replace."""
     readme = folder / "README.md"
     return (all(p.is_file() for p in folder.iterdir()) and readme.exists()
-            and README_MARK in readme.read_text(errors="replace"))
+            and mark in readme.read_text(errors="replace"))
 
 
 def check_output(out: Path, *sources: Path) -> None:
@@ -436,7 +438,7 @@ def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: 
     if fmt == "peft":
         weights, peft_config = to_peft(adapter, hub_id(base_model))
         base_model = peft_config["base_model_name_or_path"]
-    with atomic_dir(out, replaceable=_is_export) as tmp:
+    with atomic_dir(out, replaceable=is_earlier_output) as tmp:
         if fmt == "peft":
             write_json(tmp / "adapter_config.json", peft_config)
             try:

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .checks import check_writable
-from .export import check_output, read_adapter
+from .export import check_output, is_earlier_output, read_adapter
 from .io import TossError, atomic_dir, write_failed
 from .models.load import apply_adapter, is_quantized, resolve_model_path
 
@@ -61,9 +61,7 @@ def fuse_layers(model: nn.Module, dequantize: bool = False) -> int:
 
 
 def _is_fused_model(folder: Path) -> bool:
-    readme = folder / "README.md"
-    return (all(p.is_file() for p in folder.iterdir()) and readme.exists()
-            and README_MARK in readme.read_text(errors="replace"))
+    return is_earlier_output(folder, README_MARK)
 
 
 def _readme(model_spec: str, adapter_dir: Path, quantized: bool, config: dict) -> str:
