@@ -31,7 +31,7 @@ import mlx.core as mx
 from .checks import check_writable, read_adapter_config
 from .io import TossError, atomic_dir, write_failed, write_json, write_text
 
-FORMATS = ("mlx", "peft")
+FORMATS = ("mlx", "peft", "gguf", "gguf-lora", "ollama")  # the last three: export_gguf.py
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 README_MARK = "<!-- written by toss-mlx export -->"
 # Registry names whose Hugging Face id is known, for base_model_name_or_path.
@@ -353,7 +353,8 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
             "",
             "llama.cpp (convert to a GGUF adapter next to a GGUF of the same base; "
             "LoRA only" + (": merge this DoRA adapter into the model first" if adapter.dora else "")
-            + "):",
+            + "; `toss-mlx export ADAPTER --format gguf-lora` writes that GGUF directly, "
+            "`--format gguf` the fused model):",
             "",
             "```sh",
             "python convert_lora_to_gguf.py THIS_FOLDER --base BASE_MODEL_HF_FOLDER "
@@ -426,10 +427,20 @@ def check_output(out: Path, *sources: Path) -> None:
 
 
 def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "mlx",
-                   base_model_id: str | None = None) -> Adapter:
-    """Write the adapter in `fmt` ("mlx" or "peft") plus a README.md to `out`, atomically."""
+                   base_model_id: str | None = None, model: str | None = None,
+                   quant: str = "f16", system_prompt: str | None = None):
+    """Write the adapter in `fmt` plus a README.md to `out`, atomically.
+
+    "mlx" and "peft" return the Adapter; the GGUF formats ("gguf", "gguf-lora", "ollama",
+    on base `model`, default the one the adapter records) return export_gguf.GGUFExport.
+    """
     if fmt not in FORMATS:
         raise TossError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if fmt not in ("mlx", "peft"):
+        from .export_gguf import export_gguf
+
+        return export_gguf(adapter_dir, out, fmt, model=model, quant=quant,
+                           system_prompt=system_prompt)
     adapter = read_adapter(adapter_dir)
     out = Path(out)
     check_output(out, adapter.folder)

@@ -88,7 +88,9 @@ class Recipe:
     reference: dict[str, Any] = field(default_factory=dict)  # overrides for the two references
     toss: TossSettings = field(default_factory=TossSettings)
     eval: EvalOptions = field(default_factory=EvalOptions)
-    export: Literal["peft", "mlx", "none"] = "peft"
+    # One format or a list (`export: [peft, gguf]`); the GGUF ones are written from `model`.
+    export: list[Literal["peft", "mlx", "gguf", "gguf-lora", "ollama", "none"]] = field(
+        default_factory=lambda: ["peft"])
 
     def __post_init__(self) -> None:
         if not 0 < self.toss.ratio < 1:
@@ -332,13 +334,16 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
     stages.append(Stage("report", {"scores": scores, "mask": mask, "data": custom,
                                    "eval": run_dir / "eval" / "eval.json", "version": 1}, run_report))
 
-    if recipe.export != "none":
+    formats = [f for f in recipe.export if f != "none"]
+    if formats:
         def run_export(out: Path, resume: bool) -> dict[str, Path]:
             from .export import export_adapter
 
-            export_adapter(final_dir, out / recipe.export, fmt=recipe.export)
-            return {"export": out / recipe.export}
-        stages.append(Stage("export", {"final": final_dir, "format": recipe.export}, run_export))
+            for fmt in formats:
+                export_adapter(final_dir, out / fmt, fmt=fmt, model=recipe.model)
+            return {"export": out / formats[0], **{f"export_{f}": out / f for f in formats[1:]}}
+        stages.append(Stage("export", {"final": final_dir, "format": formats, "model": recipe.model},
+                            run_export))
     return stages
 
 
