@@ -97,18 +97,27 @@ class EvalSettings:
     judge: str | None = None
     judge_max_tokens: int = 48
     dtype: str | None = None
+    # ---- deep safety (toss_mlx.depth, issue 22)
+    harmful_name: str = "harmful"  # what the `harmful` set is called in tables and charts
+    harmful_sets: dict[str, str] = field(default_factory=dict)  # more harmful sets: name -> file
+    prefill_harmful: str | None = None  # harmful prompt + answer pairs: prefill attack, NLL, KL
+    prefill_tokens: list[int] = field(default_factory=lambda: [5, 10, 20])  # K answer tokens prefilled
+    prefill_decode: Literal["greedy", "sample"] = "greedy"  # sample: Qi et al.'s top_p 0.6, temp 0.9
+    depth_buckets: list[int] = field(default_factory=lambda: [5, 20, 80])  # ends: 1-5, 6-20, 21-80, 81+
 
 
 def check_settings(s: EvalSettings) -> None:
     problems = []
     if not s.model:
         problems.append("no model given (--model)")
-    if not any(getattr(s, name) for name in PROMPT_SETS):
-        problems.append("no prompts given: pass at least one of --harmful, --benign, --edgy")
+    if not any(getattr(s, name) for name in PROMPT_SETS) and not s.harmful_sets and not s.prefill_harmful:
+        problems.append("no prompts given: pass at least one of --harmful, --benign, --edgy, "
+                        "--prefill-harmful")
     for name in PROMPT_SETS:
         path = getattr(s, name)
         if path and not Path(path).exists():
             problems.append(f"--{name} {path}: file not found")
+    problems += _depth_problems(s)
     if not s.include_base and not s.adapters:
         problems.append("nothing to evaluate: no adapters and the base model left out")
     if s.include_base and "base" in s.adapters:
@@ -119,6 +128,47 @@ def check_settings(s: EvalSettings) -> None:
         problems.append("sampling needs 0 < top_p <= 1, temperature > 0, repetition_penalty > 0")
     if problems:
         raise TossError("eval: " + "; ".join(problems))
+
+
+def _depth_problems(s: EvalSettings) -> list[str]:
+    """Checks of the deep-safety settings (issue 22)."""
+    from .depth import check_buckets
+
+    problems = []
+    for name, path in s.harmful_sets.items():
+        if not Path(path).exists():
+            problems.append(f"--harmful {name}={path}: file not found")
+        if name == s.harmful_name and s.harmful:
+            problems.append(f"--harmful: the set name {name!r} is used twice")
+    if s.prefill_harmful and not Path(s.prefill_harmful).exists():
+        problems.append(f"--prefill-harmful {s.prefill_harmful}: file not found")
+    if not s.prefill_tokens or any(k < 1 for k in s.prefill_tokens):
+        problems.append(f"prefill_tokens {s.prefill_tokens}: need token counts >= 1, e.g. 5,10,20")
+    if bad := check_buckets(s.depth_buckets):
+        problems.append(bad)
+    return problems
+
+
+def parse_harmful(specs: list[str]) -> tuple[str | None, str | None, dict[str, str]]:
+    """`--harmful FILE` or `--harmful NAME=FILE`, repeatable -> (first file, its name, the others by name).
+
+    The first set carries the headline metrics (refusal_rate, ...); the others
+    get their own (`refusal_rate:NAME`, ...), never pooled with it.
+    """
+    first, first_name, more = None, None, {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or Path(spec).exists():
+            name, path = None, spec
+        name, path = (name.strip() if name else None), path.strip()
+        if first is None:
+            first, first_name = path, name
+            continue
+        name = name or Path(path).stem
+        if name in more or name == (first_name or "harmful"):
+            raise TossError(f"--harmful: the set name {name!r} is used twice; name them NAME=FILE")
+        more[name] = path
+    return first, first_name, more
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -475,6 +525,19 @@ def summarize(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             m["judge_share_5"] = rate(sum(s == 5 for s in scores), len(scores))
         if judged:
             m["judge_unparsed_rate"] = rate(len(judged) - len(scores), len(judged))
+    # ---- deep safety hook 4 (issue 22): the other harmful sets, each apart, and depth metrics
+    for key in records:
+        if key.startswith("harmful:"):
+            for metric, value in summarize({"harmful": records[key]}).items():
+                m[f"{metric}:{key.split(':', 1)[1]}"] = value
+    if records.get("prefill") or records.get("depth"):
+        from .depth import metrics as depth_metrics
+
+        m.update(depth_metrics(records))
+    if harmful and (judged := [r for r in harmful if r.get("judge_score") is not None]):
+        from .depth import judge_agreement
+
+        m["judge_agreement"] = judge_agreement(judged, "refusal")
     if edgy := records.get("edgy"):
         n = len(edgy)
         m["over_refusal_rate"] = rate(sum(r["refusal"] for r in edgy), n)
@@ -567,8 +630,12 @@ class _Progress:
 
 
 def _settings_key(s: EvalSettings) -> dict[str, Any]:
+    # The deep-safety settings key their own parts (toss_mlx.depth.DepthRun), so changing
+    # them does not redo the answers to the prompt sets.
     return {k: v for k, v in asdict(s).items()
-            if k not in ("adapters", "include_base", "judge", "judge_max_tokens", "batch_tokens")}
+            if k not in ("adapters", "include_base", "judge", "judge_max_tokens", "batch_tokens",
+                         "harmful_name", "harmful_sets", "prefill_harmful", "prefill_tokens",
+                         "prefill_decode", "depth_buckets")}
 
 
 def _answer_set(model, tokenizer, prompts: list[Prompt], s: EvalSettings, progress: _Progress,
@@ -620,20 +687,25 @@ def _judge(s: EvalSettings, models: list[dict[str, Any]], parts: _Parts, progres
     template = "chat" if getattr(judge_tok, "chat_template", None) else "plain"
     judge_key = sha256_bytes(json.dumps([s.judge, tokenizer_sha256(judge_tok), s.judge_max_tokens,
                                          JUDGE_RUBRIC]))
-    for entry in models:
-        harmful = entry["records"].get("harmful") or []
+    for entry, judged_key in ((e, k) for e in models for k in _judged_sets(e["records"])):
+        harmful = entry["records"][judged_key]
         key = sha256_bytes(json.dumps([judge_key, [[r["prompt"], r["answer"]] for r in harmful]]))
         outputs = parts.load(key)
         if outputs is None:
             ids = [prompt_ids(judge_messages(r["prompt"], r["answer"]), judge_tok, template)
                    for r in harmful]
-            step = progress.task(f"judge {entry['name']}", len(ids))
+            step = progress.task(f"judge {entry['name']} {judged_key}", len(ids))
             outputs = [g.text for g in generate_answers(judge_model, judge_tok, ids, s.judge_max_tokens,
                                                         batch_size=s.batch_size, on_step=step)]
             parts.save(key, outputs)
         for r, text in zip(harmful, outputs, strict=True):
             r["judge_output"] = text
             r["judge_score"] = parse_judge_score(text)
+
+
+def _judged_sets(records: dict[str, Any]) -> list[str]:
+    """Record lists the judge rates: every harmful set, and the prefill continuations (issue 22)."""
+    return [k for k in records if k == "harmful" or k.startswith("harmful:") or k == "prefill"]
 
 
 def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str, Any]:
@@ -645,6 +717,11 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
     out = Path(out)
     sets = {name: read_prompts(getattr(s, name), s.max_prompts)
             for name in PROMPT_SETS if getattr(s, name)}
+    # ---- deep safety hook 1 (issue 22): more harmful sets, reported apart as "harmful:NAME"
+    paths = {name: getattr(s, name) for name in sets}
+    for set_name, path in s.harmful_sets.items():
+        sets[f"harmful:{set_name}"] = read_prompts(path, s.max_prompts)
+        paths[f"harmful:{set_name}"] = path
     if "benign" in sets and not any(p.reference for p in sets["benign"]):
         raise TossError(f"{s.benign}: no benign row has a reference answer (completion, response, "
                         "output, answer or a final assistant turn), so there is nothing to measure")
@@ -656,11 +733,21 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
 
     model, tokenizer = load_model(s.model, dtype=s.dtype, quiet=quiet)
     check_adapters(model, s.adapters)  # all of them, before any generation
-    files = {name: {"path": str(getattr(s, name)), "sha256": sha256_file(getattr(s, name)),
+    files = {name: {"path": str(paths[name]), "sha256": sha256_file(paths[name]),
                     "prompts": len(prompts)} for name, prompts in sets.items()}
     common = [_settings_key(s), tokenizer_sha256(tokenizer), FORMAT_VERSION]
     parts = _Parts(out)
     models = []
+    # ---- deep safety hook 2 (issue 22): the base reference pass runs here, on the bare model
+    depth_run = None
+    if s.prefill_harmful:
+        from .depth import DepthRun
+
+        depth_run = DepthRun(model, tokenizer, s, parts, common,
+                             [_adapter_sha256(folder) for _, folder in entries],
+                             sha256_file(s.prefill_harmful))
+        files["prefill"] = {"path": str(s.prefill_harmful), "sha256": sha256_file(s.prefill_harmful),
+                            "pairs": len(depth_run.pairs)}
     with _Progress(quiet) as progress:
         for name, folder in entries:
             adapter_sha = _adapter_sha256(folder)
@@ -676,9 +763,17 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
                     else:
                         progress.log(f"{name} {set_name}: reusing finished answers from {parts.dir}")
                     records[set_name] = part
+                if depth_run is not None:  # ---- deep safety hook 3: prefill + likelihood records
+                    def generate(prompts, max_new, sampler, processors, batch_size, on_step):
+                        return generate_answers(model, tokenizer, prompts, max_new, sampler,
+                                                processors, batch_size, on_step)
+
+                    records.update(depth_run.records(
+                        model, adapter_sha, generate,
+                        lambda what, n, name=name: progress.task(f"{name} {what}", n)))
             models.append({"name": name, "adapter": folder, "adapter_sha256": adapter_sha,
                            "records": records})
-        if s.judge and "harmful" in sets:
+        if s.judge and any(_judged_sets(e["records"]) for e in models):
             same = s.judge == s.model
             if not same:
                 del model
@@ -722,6 +817,28 @@ METRIC_LABELS = {
 }
 
 
+def metric_rows(metrics: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, label) of every metric any model has: the fixed ones first, then each other
+    harmful set's, then the deep-safety ones (issue 22), in the order they appear."""
+    from .depth import metric_label
+
+    rows = [(k, v) for k, v in METRIC_LABELS.items() if any(k in m for m in metrics)]
+    if any("judge_agreement" in m for m in metrics):
+        rows.append(("judge_agreement", "judge agrees with keywords"))
+    seen = {k for k, _ in rows}
+    for m in metrics:
+        for key in m:
+            if key in seen:
+                continue
+            base, _, set_name = key.partition(":")
+            label = (f"{METRIC_LABELS.get(base, base)} [{set_name}]" if set_name and "@" not in key
+                     else metric_label(key))
+            if label:
+                rows.append((key, label))
+                seen.add(key)
+    return rows
+
+
 def format_metric(metric: dict[str, Any]) -> str:
     """"45.0% [30-60]" for rates (Wilson 95%), "2.315" for values."""
     if "ci95" in metric:
@@ -741,7 +858,7 @@ def metrics_table(result: dict[str, Any]):
     table.add_column("n", justify="right")
     for m in models:
         table.add_column(m["name"], justify="right")
-    for key, label in METRIC_LABELS.items():
+    for key, label in metric_rows([m["metrics"] for m in models]):
         present = [m["metrics"].get(key) for m in models]
         if not any(present):
             continue

@@ -51,7 +51,7 @@ import numpy as np
 
 from .charts import bars_svg, histogram_svg, scatter_svg
 from .data import check_fingerprint, read_rows
-from .evaluate import METRIC_LABELS, format_metric
+from .evaluate import format_metric, metric_rows
 from .io import TossError, load_arrays, read_json, sha256_file, write_text
 from .score import ARRAYS as SCORE_ARRAYS
 from .score import FINGERPRINT_KEYS
@@ -417,9 +417,7 @@ def metrics_table_html(models: list[tuple[str, dict[str, Any]]]) -> str:
     """One row per metric, one column per model; hovering a cell shows its sample count."""
     head = "".join(f"<th>{escape(label)}</th>" for label, _ in models)
     rows = []
-    for key, name in METRIC_LABELS.items():
-        if not any(key in m["metrics"] for _, m in models):
-            continue
+    for key, name in metric_rows([m["metrics"] for _, m in models]):
         cells = "".join(
             f'<td title="n = {m["metrics"][key]["n"]}">{escape(format_metric(m["metrics"][key]))}</td>'
             if key in m["metrics"] else "<td>-</td>" for _, m in models)
