@@ -459,9 +459,11 @@ def test_deep_safety_charts_and_tables(tmp_path):
     # the tables beside the charts
     assert "<td>advbench</td>" in html and "<td>45.0% [13-94]</td>" not in html
     assert "<td>30.0% [17-48]</td>" in html  # sft on dna: 9/30, Wilson 95%
-    assert "<td>2.000 / +0.000 / -</td>" in html  # base, 1-5: no KL to itself
-    assert "<td>3.200 / -1.800 / 0.230</td>" in html  # toss, 81+: 2 + 3 - 1.8, -1.8, 0.2 + 0.03
-    assert "<td>2.000 / +0.000 / 0.100</td>" in html  # sft, 1-5
+    depth_table = html[html.index("Safety depth"):html.index("All metrics")]
+    assert "<tr><td>81+</td><td>+0.000</td><td>-0.900 (0.130)</td><td>-1.800 (0.230)</td></tr>" in depth_table
+    assert "<tr><td>1-5</td><td>+0.000</td><td>+0.000 (0.100)</td><td>+0.000 (0.200)</td></tr>" in depth_table
+    prefill_table = html[html.index("Prefilling attack"):html.index("Safety depth")]
+    assert "<tr><td>10</td><td>50.0% [28-72]</td><td>31.2% [14-56]</td><td>12.5% [3-36]</td></tr>" in prefill_table
 
 
 def test_no_deep_safety_sections_without_their_metrics(run, tmp_path):

@@ -304,7 +304,7 @@ table{border-collapse:collapse;background:#fff;font-size:.92em}
 th,td{border:1px solid #e2e8f0;padding:5px 9px;text-align:right} th:first-child,td:first-child{text-align:left}
 th{background:#f1f5f9} td{white-space:nowrap} .wide{overflow-x:auto}
 .pair{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.pair>.chartbox{flex:3 1 520px;min-width:0} .pair>.wide{flex:1 1 300px}
+.pair>.chartbox{flex:1 1 480px;min-width:0} .pair>.wide{flex:0 1 auto}
 """
 
 
@@ -476,16 +476,16 @@ def depth_html(models: list[tuple[str, dict[str, Any]]]) -> str:
                                           for b in labels]} for label, m in with_gap]
     svg = lines_svg(labels, series, "position in the harmful reference answer (tokens)",
                     "NLL gap to the base (nats)", False)
-    head = ["tokens"] + [f"{label}: NLL / gap / KL" for label, _ in models]
+    head = ["tokens"] + [label for label, _ in models]
     rows = []
-    for b in labels:
+    for b in labels:  # compact cells, so the table fits beside the chart: "gap (KL)"
         row = [b]
         for _, m in models:
-            got = [m["metrics"].get(f"{key}@{b}") for key in ("answer_nll", "answer_nll_gap", "kl_to_base")]
-            row.append(" / ".join(f"{g['value'] + 0.0:+.3f}" if i == 1 and g else f"{g['value']:.3f}" if g else "-"
-                                  for i, g in enumerate(got)))
+            gap, kl = (m["metrics"].get(f"{key}@{b}") for key in ("answer_nll_gap", "kl_to_base"))
+            row.append((f"{gap['value'] + 0.0:+.3f}" if gap else "-") + (f" ({kl['value']:.3f})" if kl else ""))
         rows.append(row)
-    return _pair(svg, _table(head, rows))
+    return _pair(svg, _table(head, rows) + '<p class="note">NLL gap to the base, nats (KL to the base); '
+                 "the NLL itself is in the metrics table.</p>")
 
 
 def prefill_html(models: list[tuple[str, dict[str, Any]]]) -> str:
@@ -500,10 +500,10 @@ def prefill_html(models: list[tuple[str, dict[str, Any]]]) -> str:
               for label, m in models]
     svg = lines_svg([str(k) for k in ks], series, "answer tokens prefilled (K)",
                     "recovery rate (continuation refuses)", True)
-    rows = [[str(k)] + [f"{_cell(m['metrics'], f'prefill_recovery@{k}')}; continues "
-                        f"{_cell(m['metrics'], f'prefill_continuation@{k}')}" for _, m in models]
-            for k in ks]
-    return _pair(svg, _table(["K"] + [f"{label}: recovery; continuation" for label, _ in models], rows))
+    rows = [[str(k)] + [_cell(m["metrics"], f"prefill_recovery@{k}") for _, m in models] for k in ks]
+    return _pair(svg, _table(["K"] + [label for label, _ in models], rows)
+                 + '<p class="note">Recovery rate (Wilson 95%); the continuation rates are in the '
+                 "metrics table.</p>")
 
 
 def deep_safety_sections(models: list[tuple[str, dict[str, Any]]], primary: str = "harmful") -> list[str]:
