@@ -38,6 +38,15 @@ Metrics per model (absent when their prompt set is not given):
   exact_match_flexible (last number of the answer). Only benign prompts with a
   checkable reference are answered; the others only have their likelihood.
 
+Deep safety (issue 22, computed by `toss_mlx.depth`): more harmful sets
+(`harmful_sets`, `--harmful NAME=FILE`) each get the harmful metrics with a
+`:NAME` suffix (records under `harmful:NAME`), never pooled with `harmful`;
+`--prefill-harmful PAIRS` adds the records `prefill` and `depth` and the
+metrics prefill_recovery@K, prefill_continuation@K, prefill_degenerate@K,
+answer_nll@B, answer_nll_gap@B (B a position bucket, and 6+) and kl_to_base@B;
+with a judge, judge_agreement (and prefill_judge_*@K) set its verdicts beside
+the keyword matcher's.
+
 A long evaluation is resumable: each finished (model, prompt set) is kept in
 OUT.parts/ until eval.json is written; the same command started again skips
 them. Changing a setting or a file changes the key, so stale parts are never used.
