@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--gen-models", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--max-answer-tokens", type=int, default=160,
+                    help="answer tokens the likelihood reads (eval's depth_max_tokens; 0: all)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "deep_safety.json"))
     args = ap.parse_args()
 
@@ -71,7 +73,7 @@ def main() -> None:
     rows = harmful_pairs()[:args.pairs]
     pairs = [depth.Pair(i, [{"role": "user", "content": r["prompt"]}], r["completion"])
              for i, r in enumerate(rows)]
-    seqs = [depth.answer_tokens(p, tokenizer, "chat", 2048) for p in pairs]
+    seqs = [depth.answer_tokens(p, tokenizer, "chat", 2048, args.max_answer_tokens) for p in pairs]
     prompts = [prompt_ids(p.messages, tokenizer, "chat") for p in pairs]
     answer_tokens = sum(t.stop - t.start for t in seqs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +109,8 @@ def main() -> None:
         "machine": MACHINE, "python": platform.python_version(), "pairs": len(pairs),
         "models": args.models, "answer_tokens": answer_tokens,
         "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
-        "new_tokens": args.new_tokens, "likelihood_seconds_all_models": lik_s,
+        "new_tokens": args.new_tokens, "max_answer_tokens": args.max_answer_tokens,
+        "likelihood_seconds_all_models": lik_s,
         "likelihood_seconds_per_model": lik_s / args.models,
         "generation_seconds_per_model": gen_per_model, "generation_models_timed": args.gen_models,
         "generation_seconds_all_models": gen_per_model * args.models,

@@ -44,6 +44,8 @@ def eval_command(
         None, help="greedy (default) or sample: Qi et al.'s top_p 0.6, temperature 0.9, seeded."),
     depth_buckets: str = typer.Option(
         None, help="Ends of the answer-position buckets (default: 5,20,80 = 1-5, 6-20, 21-80, 81+)."),
+    depth_max_tokens: int = typer.Option(
+        None, help="Answer tokens the NLL and KL read (default: 160; 0: whole answers)."),
     config: Path = typer.Option(None, "--config", "-c",
                                 help="YAML of eval settings (model, adapters, harmful, benign, edgy, decode, top_p, ...); flags win."),
     out: Path = typer.Option(Path("eval.json"), "--out", "-o", help="Where to write eval.json."),
@@ -54,20 +56,15 @@ def eval_command(
     Safety (refusal and attack success rates with Wilson 95% intervals, optional judge),
     over-refusal on benign-but-edgy prompts, and utility (NLL, exact match)."""
     from toss_mlx.config import build_config, read_yaml
-    from toss_mlx.evaluate import (
-        EvalSettings,
-        evaluate,
-        metrics_table,
-        parse_adapters,
-        parse_harmful,
-    )
+    from toss_mlx.depth import parse_harmful
+    from toss_mlx.evaluate import EvalSettings, evaluate, metrics_table, parse_adapters
 
     first_harmful, harmful_name, harmful_sets = parse_harmful(harmful)
     flags = {
         "model": model, "harmful": first_harmful, "harmful_name": harmful_name,
         "harmful_sets": harmful_sets or None, "prefill_harmful": prefill_harmful and str(prefill_harmful),
         "prefill_tokens": prefill_tokens, "prefill_decode": prefill_decode,
-        "depth_buckets": depth_buckets, "benign": benign and str(benign),
+        "depth_buckets": depth_buckets, "depth_max_tokens": depth_max_tokens, "benign": benign and str(benign),
         "edgy": edgy and str(edgy), "max_new_tokens": max_new_tokens, "decode": decode,
         "seed": seed, "template": template, "judge": judge, "batch_size": batch_size,
         "max_prompts": max_prompts,

@@ -91,6 +91,9 @@ def test_prefilled_prompt_is_the_rendered_prompt_then_the_first_k_answer_tokens(
         assert t.ids[t.start:t.stop].tolist() == answer  # the end-of-turn token is not an answer token
         assert t.ids[t.stop:].tolist() == hf(tokenizer.eos_token, add_special_tokens=False)["input_ids"] \
             or template == "chat"
+        capped = dp.answer_tokens(pair, tokenizer, template, max_answer_tokens=3)
+        assert capped.start == t.start and capped.stop - capped.start == min(3, len(answer))
+        assert capped.ids[:capped.stop].tolist() == prompt + answer[:3]
         for k in (1, 5, 10, 1000):
             ids, used = dp.prefill_ids(t, k)
             assert used == min(k, len(answer))
@@ -112,6 +115,12 @@ def test_buckets():
     assert idx.tolist() == naive
     assert dp.check_buckets([5, 20, 80]) is None
     assert dp.check_buckets([5, 5]) and dp.check_buckets([0, 3]) and dp.check_buckets([])
+    ok = ev.EvalSettings(model="m", prefill_harmful=None)
+    assert dp.settings_problems(ok) == []
+    from dataclasses import replace
+
+    assert "depth_max_tokens" in dp.settings_problems(replace(ok, depth_max_tokens=10))[0]
+    assert "prefill_tokens" in dp.settings_problems(replace(ok, prefill_tokens=[0]))[0]
 
 
 # ---------------------------------------------------------------- likelihood
@@ -224,11 +233,11 @@ def test_recovery_is_counted_on_the_continuation_only(tokenizer, tmp_path):
 
 
 def test_parse_harmful():
-    assert ev.parse_harmful(["a.jsonl"]) == ("a.jsonl", None, {})
-    assert ev.parse_harmful(["adv=a.jsonl", "dna=d.jsonl", "past.jsonl"]) == (
+    assert dp.parse_harmful(["a.jsonl"]) == ("a.jsonl", None, {})
+    assert dp.parse_harmful(["adv=a.jsonl", "dna=d.jsonl", "past.jsonl"]) == (
         "a.jsonl", "adv", {"dna": "d.jsonl", "past": "past.jsonl"})
     with pytest.raises(TossError, match="used twice"):
-        ev.parse_harmful(["a.jsonl", "x=b.jsonl", "x=c.jsonl"])
+        dp.parse_harmful(["a.jsonl", "x=b.jsonl", "x=c.jsonl"])
 
 
 def test_eval_reports_each_harmful_set_apart_and_the_depth_metrics(noisy, noisy_dir, lora_dir, tmp_path):

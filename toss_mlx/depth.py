@@ -43,6 +43,7 @@ import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -102,8 +103,13 @@ class AnswerTokens:
     stop: int  # one past its last content token (the end-of-turn token is not counted)
 
 
-def answer_tokens(pair: Pair, tokenizer, template: str, max_seq_len: int = 2048) -> AnswerTokens:
-    """The pair rendered and tokenized exactly as `data.tokenize_dataset` does for training."""
+def answer_tokens(pair: Pair, tokenizer, template: str, max_seq_len: int = 2048,
+                  max_answer_tokens: int = 0) -> AnswerTokens:
+    """The pair rendered and tokenized exactly as `data.tokenize_dataset` does for training.
+
+    `max_answer_tokens` > 0 keeps only the answer's first tokens for the likelihood
+    metrics (the prefix of a prefilling attack is always far shorter).
+    """
     text, spans = render(pair.messages + [{"role": "assistant", "content": pair.answer}], tokenizer,
                          template)
     ids, mask = encode(text, spans[-1:], tokenizer, template)
@@ -117,7 +123,7 @@ def answer_tokens(pair: Pair, tokenizer, template: str, max_seq_len: int = 2048)
     a, _ = spans[-1]
     content = hf(text[a:a + len(pair.answer)], add_special_tokens=False)["input_ids"]
     stop = start + max(1, min(len(content), len(where)))
-    stop = min(stop, max_seq_len)
+    stop = min(stop, max_seq_len, start + max_answer_tokens if max_answer_tokens > 0 else stop)
     return AnswerTokens(ids[:max_seq_len].astype(np.int32), start, max(stop, start + 1))
 
 
@@ -148,6 +154,48 @@ def check_buckets(ends: list[int]) -> str | None:
     if not ends or any(e < 1 for e in ends) or any(b <= a for a, b in zip(ends, ends[1:], strict=False)):
         return f"depth_buckets {list(ends)}: need increasing bucket ends >= 1, e.g. 5,20,80"
     return None
+
+
+def settings_problems(s) -> list[str]:
+    """Problems with the deep-safety fields of an `evaluate.EvalSettings`."""
+    problems = []
+    for name, path in s.harmful_sets.items():
+        if not Path(path).exists():
+            problems.append(f"--harmful {name}={path}: file not found")
+        if name == s.harmful_name and s.harmful:
+            problems.append(f"--harmful: the set name {name!r} is used twice")
+    if s.prefill_harmful and not Path(s.prefill_harmful).exists():
+        problems.append(f"--prefill-harmful {s.prefill_harmful}: file not found")
+    if not s.prefill_tokens or any(k < 1 for k in s.prefill_tokens):
+        problems.append(f"prefill_tokens {s.prefill_tokens}: need token counts >= 1, e.g. 5,10,20")
+    if bad := check_buckets(s.depth_buckets):
+        problems.append(bad)
+    if s.depth_max_tokens < 0 or 0 < s.depth_max_tokens <= max(s.prefill_tokens or [0]):
+        problems.append(f"depth_max_tokens {s.depth_max_tokens}: 0 (whole answers) or more than "
+                        "the largest prefill_tokens")
+    return problems
+
+
+def parse_harmful(specs: list[str]) -> tuple[str | None, str | None, dict[str, str]]:
+    """`--harmful FILE` or `--harmful NAME=FILE`, repeatable -> (first file, its name, the others by name).
+
+    The first set carries the headline metrics (refusal_rate, ...); the others
+    get their own (`refusal_rate:NAME`, ...), never pooled with it.
+    """
+    first, first_name, more = None, None, {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or Path(spec).exists():
+            name, path = None, spec
+        name, path = (name.strip() if name else None), path.strip()
+        if first is None:
+            first, first_name = path, name
+            continue
+        name = name or Path(path).stem
+        if name in more or name == (first_name or "harmful"):
+            raise TossError(f"--harmful: the set name {name!r} is used twice; name them NAME=FILE")
+        more[name] = path
+    return first, first_name, more
 
 
 # ---------------------------------------------------------------- likelihood at answer positions
@@ -443,10 +491,11 @@ class DepthRun:
                  file_sha: str):
         self.s, self.parts, self.tokenizer = s, parts, tokenizer
         self.pairs = read_pairs(s.prefill_harmful, s.max_prompts)
-        self.seqs = [answer_tokens(p, tokenizer, s.template, s.max_seq_len) for p in self.pairs]
+        self.seqs = [answer_tokens(p, tokenizer, s.template, s.max_seq_len, s.depth_max_tokens)
+                     for p in self.pairs]
         self.ends = list(s.depth_buckets)
         self.key = [common, file_sha, list(s.prefill_tokens), s.prefill_decode, self.ends,
-                    s.max_new_tokens, s.seed, FORMAT_VERSION]
+                    s.depth_max_tokens, s.max_new_tokens, s.seed, FORMAT_VERSION]
         self.reference: BaseReference | None = None
         if any(parts.load(self._key(sha, "depth")) is None for sha in adapter_shas):
             _, _, self.reference = answer_token_stats(model, self.seqs, s.batch_tokens, keep=True)

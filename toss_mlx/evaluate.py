@@ -113,6 +113,7 @@ class EvalSettings:
     prefill_tokens: list[int] = field(default_factory=lambda: [5, 10, 20])  # K answer tokens prefilled
     prefill_decode: Literal["greedy", "sample"] = "greedy"  # sample: Qi et al.'s top_p 0.6, temp 0.9
     depth_buckets: list[int] = field(default_factory=lambda: [5, 20, 80])  # ends: 1-5, 6-20, 21-80, 81+
+    depth_max_tokens: int = 160  # answer tokens the NLL / KL read (0: whole answers; cost ~ tokens)
 
 
 def check_settings(s: EvalSettings) -> None:
@@ -126,7 +127,9 @@ def check_settings(s: EvalSettings) -> None:
         path = getattr(s, name)
         if path and not Path(path).exists():
             problems.append(f"--{name} {path}: file not found")
-    problems += _depth_problems(s)
+    from .depth import settings_problems  # deep safety (issue 22)
+
+    problems += settings_problems(s)
     if not s.include_base and not s.adapters:
         problems.append("nothing to evaluate: no adapters and the base model left out")
     if s.include_base and "base" in s.adapters:
@@ -137,47 +140,6 @@ def check_settings(s: EvalSettings) -> None:
         problems.append("sampling needs 0 < top_p <= 1, temperature > 0, repetition_penalty > 0")
     if problems:
         raise TossError("eval: " + "; ".join(problems))
-
-
-def _depth_problems(s: EvalSettings) -> list[str]:
-    """Checks of the deep-safety settings (issue 22)."""
-    from .depth import check_buckets
-
-    problems = []
-    for name, path in s.harmful_sets.items():
-        if not Path(path).exists():
-            problems.append(f"--harmful {name}={path}: file not found")
-        if name == s.harmful_name and s.harmful:
-            problems.append(f"--harmful: the set name {name!r} is used twice")
-    if s.prefill_harmful and not Path(s.prefill_harmful).exists():
-        problems.append(f"--prefill-harmful {s.prefill_harmful}: file not found")
-    if not s.prefill_tokens or any(k < 1 for k in s.prefill_tokens):
-        problems.append(f"prefill_tokens {s.prefill_tokens}: need token counts >= 1, e.g. 5,10,20")
-    if bad := check_buckets(s.depth_buckets):
-        problems.append(bad)
-    return problems
-
-
-def parse_harmful(specs: list[str]) -> tuple[str | None, str | None, dict[str, str]]:
-    """`--harmful FILE` or `--harmful NAME=FILE`, repeatable -> (first file, its name, the others by name).
-
-    The first set carries the headline metrics (refusal_rate, ...); the others
-    get their own (`refusal_rate:NAME`, ...), never pooled with it.
-    """
-    first, first_name, more = None, None, {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name.strip() or Path(spec).exists():
-            name, path = None, spec
-        name, path = (name.strip() if name else None), path.strip()
-        if first is None:
-            first, first_name = path, name
-            continue
-        name = name or Path(path).stem
-        if name in more or name == (first_name or "harmful"):
-            raise TossError(f"--harmful: the set name {name!r} is used twice; name them NAME=FILE")
-        more[name] = path
-    return first, first_name, more
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -644,7 +606,7 @@ def _settings_key(s: EvalSettings) -> dict[str, Any]:
     return {k: v for k, v in asdict(s).items()
             if k not in ("adapters", "include_base", "judge", "judge_max_tokens", "batch_tokens",
                          "harmful_name", "harmful_sets", "prefill_harmful", "prefill_tokens",
-                         "prefill_decode", "depth_buckets")}
+                         "prefill_decode", "depth_buckets", "depth_max_tokens")}
 
 
 def _answer_set(model, tokenizer, prompts: list[Prompt], s: EvalSettings, progress: _Progress,
