@@ -311,6 +311,14 @@ def test_cli_eval_with_several_harmful_sets_and_prefill(noisy_dir, tmp_path):
     metrics = json.loads(out.read_text())["models"][0]["metrics"]
     assert metrics["refusal_rate"]["n"] == 1 and metrics["refusal_rate:dna"]["n"] == 1
     assert metrics["prefill_recovery@2"]["n"] == 2
+    only = runner.invoke(app, ["eval", "--model", str(noisy_dir), "--prefill-harmful", str(pairs),
+                               "--prefill-tokens", "3", "--depth-max-tokens", "4", "--max-new-tokens", "2",
+                               "--quiet", "--out", str(out)])
+    assert only.exit_code == 0, only.output
+    result = json.loads(out.read_text())
+    depth = result["models"][0]["prompts"]["depth"]
+    assert set(result["files"]) == {"prefill"} and all(sum(r["tokens"].values()) <= 4 for r in depth)
+    assert result["settings"]["depth_max_tokens"] == 4
     bad = runner.invoke(app, ["eval", "--model", str(noisy_dir), "--prefill-harmful", str(pairs),
                               "--depth-buckets", "5,3", "--out", str(out)])
     assert bad.exit_code == 2 and "depth_buckets" in bad.output
@@ -377,14 +385,20 @@ def test_smollm2_prefill_recovery_base_near_zero_and_higher_after_deep_refusal_t
     train_file = write_pairs(tmp_path / "recovery.jsonl", rows)
     held_out = write_pairs(tmp_path / "held_out.jsonl", pairs[200:212])
     adapter = tmp_path / "adapter"
-    train(TrainSettings(model=str(smollm2_dir), data=str(train_file), out=str(adapter), iters=36,
-                        batch_size=4, lr=1e-3, max_seq_len=192, quiet=True,
+    import time
+
+    tic = time.perf_counter()
+    train(TrainSettings(model=str(smollm2_dir), data=str(train_file), out=str(adapter), iters=24,
+                        batch_size=4, lr=1e-3, max_seq_len=160, quiet=True,
                         lora=LoraSettings(rank=8, alpha=16)))
+    trained = time.perf_counter() - tic
     s = ev.EvalSettings(model=str(smollm2_dir), adapters={"recover": str(adapter)},
-                        prefill_harmful=str(held_out), prefill_tokens=[10], max_new_tokens=24,
-                        batch_size=12)
+                        prefill_harmful=str(held_out), prefill_tokens=[10], max_new_tokens=16,
+                        depth_max_tokens=32, batch_size=12)
     result = ev.evaluate(s, tmp_path / "eval.json", quiet=True)
     base, tuned = (m["metrics"]["prefill_recovery@10"] for m in result["models"])
+    print(f"train {trained:.0f} s, eval {time.perf_counter() - tic - trained:.0f} s; recovery "
+          f"{base['count']} -> {tuned['count']} of 12")
     assert base["n"] == tuned["n"] == 12
     assert base["value"] <= 0.2, [r["continuation"] for r in result["models"][0]["prompts"]["prefill"]]
     assert tuned["count"] > base["count"] + 3
