@@ -283,7 +283,7 @@ def test_eval_reports_each_harmful_set_apart_and_the_depth_metrics(noisy, noisy_
     pooled = sum(r["nll"]["3-5"] * r["tokens"]["3-5"] for r in depth if r["tokens"]["3-5"]) / tokens
     assert base["metrics"]["answer_nll@3-5"]["value"] == pytest.approx(pooled)
     rows = dict(ev.metric_rows([m["metrics"] for m in result["models"]]))
-    assert rows["refusal_rate:dna"] == "refusal (anywhere) [dna]"
+    assert rows["refusal_rate:dna"] == "dna: refusal (anywhere)"
     assert rows["prefill_recovery@3"] == "prefill K=3: recovery"
     # the prefill settings key only their own parts: changing them keeps the prompt sets' answers
     from dataclasses import replace
@@ -307,7 +307,7 @@ def test_cli_eval_with_several_harmful_sets_and_prefill(noisy_dir, tmp_path):
                              f"dna={dna}", "--prefill-harmful", str(pairs), "--prefill-tokens", "2,4",
                              "--max-new-tokens", "3", "--out", str(out)])
     assert ok.exit_code == 0, ok.output
-    assert "wrote" in ok.output  # (the table is cut to the test terminal's width)
+    assert "wrote" in ok.output and "dna: refusal (anywhere)" in ok.output
     metrics = json.loads(out.read_text())["models"][0]["metrics"]
     assert metrics["refusal_rate"]["n"] == 1 and metrics["refusal_rate:dna"]["n"] == 1
     assert metrics["prefill_recovery@2"]["n"] == 2

@@ -802,7 +802,8 @@ def metric_rows(metrics: list[dict[str, Any]]) -> list[tuple[str, str]]:
             if key in seen:
                 continue
             base, _, set_name = key.partition(":")
-            label = (f"{METRIC_LABELS.get(base, base)} [{set_name}]" if set_name and "@" not in key
+            # "NAME: label", not "label [NAME]": rich would read [NAME] as markup
+            label = (f"{set_name}: {METRIC_LABELS.get(base, base)}" if set_name and "@" not in key
                      else metric_label(key))
             if label:
                 rows.append((key, label))
