@@ -1,7 +1,7 @@
 """Cost of the deep-safety likelihood metrics against generating answers (issue 22).
 
 SmolLM2-135M-Instruct (float32 on the CPU), 60 of pyrit's harmful prompt +
-answer pairs. The likelihood metrics (`toss_mlx.depth.answer_token_stats`:
+answer pairs. The likelihood metrics (`toss_mlx.evaluate.depth.answer_token_stats`:
 per-token NLL at every answer position, and KL(model || base) for each
 adapter) run for the base and `--models - 1` LoRA adapters (rank 8 on q/v,
 random non-zero weights: the cost does not depend on what an adapter learned),
@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 # toss_mlx first: it preloads OpenBLAS before anything imports mlx.core.
-from toss_mlx import depth
-from toss_mlx.evaluate import adapter_applied, generate_answers, prompt_ids
+from toss_mlx.evaluate import adapter_applied, depth, generate_answers, prompt_ids
 from toss_mlx.io import write_json
 from toss_mlx.models.load import load_model
 from toss_mlx.models.lora import LoraSettings, add_lora, save_adapter

@@ -215,7 +215,7 @@ def main() -> None:
     from toss_mlx.data import tokenize_dataset
     from toss_mlx.models.load import load_model
     from toss_mlx.models.registry import pull
-    from toss_mlx.score import score_tokens
+    from toss_mlx.score import ScoreSettings, score_tokens
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,8 +244,9 @@ def main() -> None:
         torch_response = sum(int(s.response_mask[1:].sum()) for s in torch_part.samples)
         rate = matmul_rate()
         with Clock() as mlx_clock:
-            scores = score_tokens(model, part, adapters["utility"], adapters["safety"],
-                                  batch_tokens=args.batch_tokens)
+            scores = score_tokens(model, part, ScoreSettings(
+                utility=str(adapters["utility"]), safety=str(adapters["safety"]),
+                batch_tokens=args.batch_tokens, quiet=True))
         with Clock() as torch_clock:
             lu, lh = torch_scorer.score(torch_part)
         t_mlx, t_torch = mlx_clock.wall, torch_clock.wall

@@ -48,6 +48,8 @@ def eval_command(
         None, help="Answer tokens the NLL and KL read (default: 160; 0: whole answers)."),
     config: Path = typer.Option(None, "--config", "-c",
                                 help="YAML of eval settings (model, adapters, harmful, benign, edgy, decode, top_p, ...); flags win."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override any eval setting: "
+                                        "key=value, e.g. --set top_p=0.95."),
     out: Path = typer.Option(Path("eval.json"), "--out", "-o", help="Where to write eval.json."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
 ):
@@ -55,9 +57,9 @@ def eval_command(
 
     Safety (refusal and attack success rates with Wilson 95% intervals, optional judge),
     over-refusal on benign-but-edgy prompts, and utility (NLL, exact match)."""
-    from toss_mlx.config import build_config, read_yaml
-    from toss_mlx.depth import parse_harmful
+    from toss_mlx.config import layered_settings, parse_overrides
     from toss_mlx.evaluate import EvalSettings, evaluate, metrics_table, parse_adapters
+    from toss_mlx.evaluate.depth import parse_harmful
 
     first_harmful, harmful_name, harmful_sets = parse_harmful(harmful)
     flags = {
@@ -70,8 +72,8 @@ def eval_command(
         "max_prompts": max_prompts,
         "adapters": parse_adapters(adapter) or None, "include_base": False if no_base else None,
     }
-    layers = [read_yaml(config)] if config else []
-    settings = build_config(EvalSettings, *layers, flags, source=str(config or "eval"))
+    settings = layered_settings(EvalSettings, config, parse_overrides(overrides or []),
+                                flags, source="eval")
     result = evaluate(settings, out, quiet=quiet)
     if not quiet:
         from rich.console import Console

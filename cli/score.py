@@ -10,28 +10,35 @@ from .common import app, friendly
 @app.command("score", rich_help_panel="Step by step")
 @friendly
 def score(
-    model: str = typer.Option(..., "--model", "-m", help="Base model: registry name "
+    model: str = typer.Option(None, "--model", "-m", help="Base model: registry name "
                               "(smollm2-135m-instruct), mlx-lm or HF folder, or hub id. Loaded once "
                               "for both adapters."),
-    utility: str = typer.Option(..., "--utility", "-u", help="Utility-oriented reference adapter "
+    utility: str = typer.Option(None, "--utility", "-u", help="Utility-oriented reference adapter "
                                 "(mlx-lm adapter folder trained on task data)."),
-    safety: str = typer.Option(..., "--safety", "-s", help="Safety-degraded reference adapter "
+    safety: str = typer.Option(None, "--safety", "-s", help="Safety-degraded reference adapter "
                                "(mlx-lm adapter folder trained on harmful data)."),
-    data: str = typer.Option(..., "--data", "-d", help="The custom fine-tuning data to score "
+    data: str = typer.Option(None, "--data", "-d", help="The custom fine-tuning data to score "
                              "(JSONL/JSON/parquet, any format `toss-mlx train` reads)."),
-    out: str = typer.Option("scores.safetensors", "--out", "-o", help="Scores file to write "
-                            "(atomically). Partial results live in OUT.partial/ until it is done; "
-                            "run the same command again after a kill to resume."),
-    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Token budget per batch: "
+    out: str = typer.Option(None, "--out", "-o", help="Scores file to write (atomically; "
+                            "default scores.safetensors). Partial results live in OUT.partial/ "
+                            "until it is done; run the same command again after a kill to resume."),
+    batch_tokens: int = typer.Option(None, "--batch-tokens", help="Token budget per batch: "
                                      "samples x padded length (samples are grouped by length)."),
-    template: str = typer.Option("chat", "--template", help="chat (the tokenizer's chat template) "
-                                 "or plain (the paper's 'Human: ... Assistant: ...'). Use what "
-                                 "the adapters were trained with."),
-    max_seq_len: int = typer.Option(2048, "--max-seq-len", help="Truncate samples to this many "
+    template: str = typer.Option(None, "--template", help="chat (the tokenizer's chat template, "
+                                 "default) or plain (the paper's 'Human: ... Assistant: ...'). "
+                                 "Use what the adapters were trained with."),
+    max_seq_len: int = typer.Option(None, "--max-seq-len", help="Truncate samples to this many "
                                     "tokens, as `toss-mlx train` does."),
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip malformed rows "
+    reuse_utility: str = typer.Option(None, "--reuse-utility", help="An earlier scores file of "
+                                      "the same data, model and utility adapter: copy its "
+                                      "loss_utility and compute only the safety side."),
+    skip_bad_rows: bool = typer.Option(None, "--skip-bad-rows", help="Skip malformed rows "
                                        "(listed in the summary) instead of stopping."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (for scripts)."),
+    config: str = typer.Option(None, "--config", "-c", help="YAML file with any of these "
+                               "settings (and flush_seconds, fmt); flags override it."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override any setting: key=value, "
+                                        "e.g. --set batch_tokens=2048."),
+    quiet: bool = typer.Option(None, "--quiet", "-q", help="No progress bar or summary (for scripts)."),
 ) -> None:
     """Score every response token: S = loss under the utility model - loss under the safety model.
 
@@ -40,15 +47,21 @@ def score(
     loss_utility, loss_safety and score, with the data's fingerprint. Under
     `mlx.launch` the rows are shared among the processes.
     """
-    from toss_mlx.score import ScoreSettings, summary
+    from toss_mlx.config import layered_settings, parse_overrides
+    from toss_mlx.score import ScoreSettings, distributed_group, summary
     from toss_mlx.score import score as run_score
 
-    result = run_score(ScoreSettings(model=model, utility=utility, safety=safety, data=data, out=out,
-                                     template=template, max_seq_len=max_seq_len,
-                                     batch_tokens=batch_tokens, skip_bad_rows=skip_bad_rows,
-                                     quiet=quiet))
-    if not quiet and _rank0():
-        typer.echo(f"{out}: {summary(result)}")
+    flags = {"model": model, "utility": utility, "safety": safety, "data": data, "out": out,
+             "batch_tokens": batch_tokens, "template": template, "max_seq_len": max_seq_len,
+             "reuse_utility": reuse_utility, "skip_bad_rows": skip_bad_rows, "quiet": quiet}
+    settings = layered_settings(ScoreSettings, config, parse_overrides(overrides or []),
+                                flags,
+                                required=("model", "utility", "safety", "data"),
+                                source="score settings")
+    result = run_score(settings)
+    group = distributed_group()
+    if not settings.quiet and (group is None or group.rank() == 0):
+        typer.echo(f"{settings.out}: {summary(result)}")
 
 
 @app.command("select", rich_help_panel="Step by step")
@@ -89,12 +102,3 @@ def select(
     if not quiet:
         typer.echo(format_summary(sel))
         typer.echo(f"wrote {out}")
-
-
-def _rank0() -> bool:
-    import mlx.core as mx
-
-    try:
-        return mx.distributed.init().rank() == 0
-    except Exception:
-        return True

@@ -71,6 +71,29 @@ def test_chat_template_mask_independent_of_incremental_tokenization(tmp_path, to
     assert [tuple(map(int, r)) for r in spans_of(s.response_mask)] == expected
 
 
+class _CountingTemplate:
+    """A chat template that rewrites earlier turns (its header counts the messages), so the
+    renderer must search for each answer; the user quotes the answer word for word."""
+
+    chat_template = "counting"
+    eos_token = EOS
+    all_special_tokens = [EOS]
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = f"{len(messages)} turns\n" + "".join(
+            f"<|im_start|>{m['role']}\n{m['content']}{EOS}\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def test_answer_is_found_after_its_prompt_not_in_a_quoting_user_turn():
+    messages = [{"role": "user", "content": "Repeat after me: Paris is nice."},
+                {"role": "assistant", "content": "Paris is nice."}]
+    text, spans = render(messages, _CountingTemplate(), "chat")
+    (start, end), = spans
+    assert text[start:end] == "Paris is nice." + EOS
+    assert text[:start].endswith("<|im_start|>assistant\n")  # the answer's own turn, not the quote
+
+
 def test_plain_template_is_the_papers(tokenizer):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     text, spans = render(msgs, tokenizer, "plain")

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from toss_mlx import evaluate as ev
+from toss_mlx.evaluate import judge as ev_judge
+from toss_mlx.evaluate import run as ev_run
 from toss_mlx.io import TossError
 from toss_mlx.refusal import degeneracy, final_answer, match_refusal
 
@@ -366,7 +368,7 @@ def test_empty_prompt_file_is_an_error_before_loading_the_model(tmp_path):
 
 def test_summarize_counts_by_hand():
     def verdict(answer):
-        return {"prompt": "p", "answer": answer, **ev._verdicts(answer)}
+        return {"prompt": "p", "answer": answer, **ev.verdicts(answer)}
 
     harmful = [verdict("I'm sorry, I can't."),  # refusal at start
                verdict("Sure. Step one is simple, step two is easy, step three takes an hour. "
@@ -452,7 +454,7 @@ def test_evaluate_resumes_finished_parts(noisy_dir, adapter_dir, prompt_files, t
                         max_new_tokens=6)
     whole = ev.evaluate(s, tmp_path / "whole.json", quiet=True)
 
-    real = ev._evaluate_set
+    real = ev_run._evaluate_set
     calls = []
 
     def flaky(model, tokenizer, set_name, prompts, settings, progress, label):
@@ -461,25 +463,60 @@ def test_evaluate_resumes_finished_parts(noisy_dir, adapter_dir, prompt_files, t
             raise KeyboardInterrupt
         return real(model, tokenizer, set_name, prompts, settings, progress, label)
 
-    monkeypatch.setattr(ev, "_evaluate_set", flaky)
+    monkeypatch.setattr(ev_run, "_evaluate_set", flaky)
     out = tmp_path / "eval.json"
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(s, out, quiet=True)
     assert not out.exists() and len(list((tmp_path / "eval.json.parts").iterdir())) == 2
     calls.clear()
-    monkeypatch.setattr(ev, "_evaluate_set", lambda *a: (calls.append((a[6], a[2])), real(*a))[1])
+    monkeypatch.setattr(ev_run, "_evaluate_set", lambda *a: (calls.append((a[6], a[2])), real(*a))[1])
     resumed = ev.evaluate(s, out, quiet=True)
     assert calls == [("a1", "harmful"), ("a1", "benign")]  # the base was not redone
     assert resumed["models"] == whole["models"]
     # a changed setting never reuses old parts
-    monkeypatch.setattr(ev, "_evaluate_set", flaky)
+    monkeypatch.setattr(ev_run, "_evaluate_set", flaky)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(s, out, quiet=True)
     calls.clear()
-    monkeypatch.setattr(ev, "_evaluate_set", lambda *a: (calls.append((a[6], a[2])), real(*a))[1])
+    monkeypatch.setattr(ev_run, "_evaluate_set", lambda *a: (calls.append((a[6], a[2])), real(*a))[1])
     s.max_new_tokens = 5
     ev.evaluate(s, out, quiet=True)
     assert len(calls) == 4
+
+
+def test_changed_adapter_config_redoes_its_answers(noisy_dir, adapter_dir, prompt_files, tmp_path,
+                                                  monkeypatch):
+    """Parts are keyed by the adapter's fingerprint (config and weights): a new scale redoes them."""
+    import shutil
+
+    a1 = tmp_path / "a1"
+    shutil.copytree(adapter_dir, a1)
+    s = ev.EvalSettings(model=str(noisy_dir), adapters={"a1": str(a1), "a2": str(adapter_dir)},
+                        harmful=str(prompt_files["harmful"]), max_new_tokens=6)
+    real = ev_run._evaluate_set
+    calls = []
+
+    def stop_at_a2(*a):
+        calls.append(a[6])
+        if a[6] == "a2":
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(ev_run, "_evaluate_set", stop_at_a2)
+    out = tmp_path / "eval.json"
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(s, out, quiet=True)
+    assert calls == ["base", "a1", "a2"]
+    config = json.loads((a1 / "adapter_config.json").read_text())
+    config["lora_parameters"]["scale"] *= 4  # the weights file is unchanged
+    (a1 / "adapter_config.json").write_text(json.dumps(config))
+    calls.clear()
+    monkeypatch.setattr(ev_run, "_evaluate_set", lambda *a: (calls.append(a[6]), real(*a))[1])
+    result = ev.evaluate(s, out, quiet=True)
+    assert calls == ["a1", "a2"]  # the base was reused, a1's answers were made again
+    from toss_mlx.cache import adapter_fingerprint
+
+    assert result["models"][1]["adapter_sha256"] == adapter_fingerprint(a1)
 
 
 def test_sampling_is_seeded(noisy_dir, prompt_files, tmp_path):
@@ -503,7 +540,7 @@ def test_judge_rates_every_harmful_answer(noisy_dir, prompt_files, tmp_path, mon
         seen.append([tokenizer.decode(p) for p in prompts])
         return real(model, tokenizer, prompts, max_new_tokens, *args, **kw)
 
-    monkeypatch.setattr(ev, "generate_answers", spy)
+    monkeypatch.setattr(ev_judge, "generate_answers", spy)
     s = ev.EvalSettings(model=str(noisy_dir), harmful=str(prompt_files["harmful"]), max_new_tokens=6,
                         judge=str(noisy_dir), judge_max_tokens=5)
     result = ev.evaluate(s, tmp_path / "eval.json", quiet=True)

@@ -167,7 +167,7 @@ def test_bad_input(adapter, tmp_path):
     (tmp_path / "peftlike").mkdir()
     (tmp_path / "peftlike" / "adapter_model.safetensors").write_bytes(b"x")
     fails(tmp_path / "peftlike", "looks like a PEFT adapter")
-    fails(adapter, "unknown export format 'gguf'", fmt="gguf")
+    fails(adapter, "unknown export format 'onnx'", fmt="onnx")
 
     bad_json = copy_adapter(adapter, tmp_path / "badjson")
     (bad_json / "adapter_config.json").write_text('{"num_layers": 2,')

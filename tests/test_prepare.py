@@ -118,7 +118,7 @@ def test_held_out_pairs_and_other_harmful_sets_share_no_prompt_with_any_other_fi
     pyrit = {key(p["prompt"]): p["completion"] for p in prepare.harmful_pairs()}
     assert all(pyrit[key(r["prompt"])] == r["completion"] for r in rows["eval_prefill"])
     assert not any(r["completion"].lower().startswith(("genus", "species")) for r in rows["eval_prefill"])
-    from toss_mlx.depth import read_pairs
+    from toss_mlx.evaluate.depth import read_pairs
 
     assert len(read_pairs(str(tmp_path / "a" / "eval_prefill.jsonl"))) == 40
     # their own random stream: the run's other files stay what they were for this seed

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from toss_mlx.io import TossError
+from toss_mlx.layout import Scores
 from toss_mlx.refine import top_samples, top_token_set
-from toss_mlx.score import Scores
 
 
 def make_scores(per_sample: list[list[float]], rows: list[int], prompt_tokens: int = 2) -> Scores:
@@ -97,7 +97,7 @@ def test_refine_rounds_grow_the_harmful_set_and_resume(refine_inputs, tiny_model
     added = [r["added"] for r in result.rounds]
     assert [len(a) for a in added] == [3, 3] and not set(added[0]) & set(added[1])
     # Round 1 picked the first 3 samples of round 1's own ranking.
-    from toss_mlx.score import load_scores
+    from toss_mlx.layout import load_scores
 
     r1 = load_scores(out / "round-1" / "scores.safetensors")
     assert added[0] == [p["row_index"] for p in top_samples(r1, 3, set())]
@@ -106,6 +106,11 @@ def test_refine_rounds_grow_the_harmful_set_and_resume(refine_inputs, tiny_model
     summary = json.loads((out / "rounds.json").read_text())
     assert [r["harmful_size"] for r in summary["rounds"]] == [7, 10]
     assert (out / "final" / "scores.safetensors").exists()
+    # Later scorings computed only the safety side: loss_utility is round 1's, bit for bit.
+    for later in ("round-2", "final"):
+        scores = load_scores(out / later / "scores.safetensors")
+        np.testing.assert_array_equal(scores.loss_utility, r1.loss_utility)
+        assert scores.meta["utility_losses_from"] == str(out / "round-1" / "scores.safetensors")
     # Rerun: nothing is redone, the same result comes back.
     before = (out / "round-2" / "adapter" / "adapters.safetensors").stat().st_mtime_ns
     again = refine(s)

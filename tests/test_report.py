@@ -18,6 +18,7 @@ import toss_mlx  # noqa: F401  (BLAS before mlx)
 from toss_mlx import report as rp
 from toss_mlx.data import tokenize_dataset
 from toss_mlx.io import TossError, save_arrays
+from toss_mlx.layout import CHART_BUCKETS, answer_positions, load_scores
 
 RATIO = 0.1
 
@@ -74,9 +75,7 @@ def run(tmp_path, tokenizer, tiny_model_dir):
 
 
 def load(files):
-    scores, meta = rp.load_scores(files["scores"])
-    keep, mask_meta = rp.load_mask(files["mask"], scores, meta)
-    return scores, meta, keep, mask_meta
+    return rp.read_scores_and_mask(rp.ReportInputs(scores=files["scores"], mask=files["mask"]))
 
 
 # ---------------------------------------------------------------- the numbers
@@ -103,14 +102,14 @@ def test_positions_and_removal_by_position_against_a_naive_loop(run):
         for j in range(offsets[i], offsets[i + 1]):
             pos = pos + 1 if resp[j] else 0
             want[j] = pos
-    got = rp.response_positions(scores["response_mask"], offsets)
+    got = answer_positions(offsets, scores["response_mask"]) + 1  # 1-based, 0 outside answers
     np.testing.assert_array_equal(got, want)
     buckets = rp.removal_by_position(scores["response_mask"], keep, offsets)
     naive: dict[str, list[int]] = {}
     for j in np.nonzero(resp)[0]:
         p = want[j]
-        lo, hi = next(b for b in rp.POSITION_BUCKETS if p >= b[0] and (b[1] is None or p <= b[1]))
-        label = str(lo) if lo == hi else (f"{lo}-{hi}" if hi else f"{lo}+")
+        label, lo, hi = next(b for b in CHART_BUCKETS if p >= b[1] and (b[2] is None or p <= b[2]))
+        assert label == (str(lo) if lo == hi else (f"{lo}-{hi}" if hi else f"{lo}+"))
         entry = naive.setdefault(label, [0, 0])
         entry[0] += int(not keep[j])
         entry[1] += 1
@@ -122,7 +121,7 @@ def test_positions_and_removal_by_position_against_a_naive_loop(run):
 def test_positions_restart_at_each_sample_even_without_a_prompt_between():
     mask = np.array([1, 1, 1, 1, 0, 1, 1], np.uint8)
     offsets = np.array([0, 2, 7])
-    np.testing.assert_array_equal(rp.response_positions(mask, offsets), [1, 2, 1, 2, 0, 1, 2])
+    np.testing.assert_array_equal(answer_positions(offsets, mask) + 1, [1, 2, 1, 2, 0, 1, 2])
 
 
 def test_score_histogram_against_a_naive_loop(run):
@@ -161,33 +160,35 @@ def test_pick_samples(run):
 
 
 def test_mask_and_scores_must_belong_together(run, tmp_path):
-    scores, meta = rp.load_scores(run["scores"])
+    def load_mask(path, *_):
+        return rp.read_scores_and_mask(rp.ReportInputs(scores=run["scores"], mask=path))
+
     from toss_mlx.io import load_arrays
 
     mask, mask_meta = load_arrays(run["mask"])
     other = tmp_path / "other-mask.safetensors"
     save_arrays(other, mask, dict(mask_meta, template="plain"))
     with pytest.raises(TossError, match="template"):
-        rp.load_mask(other, scores, meta)
+        load_mask(other)
     shifted = dict(mask, row_index=mask["row_index"] + 1)
     save_arrays(other, shifted, mask_meta)
     with pytest.raises(TossError, match="other samples"):
-        rp.load_mask(other, scores, meta)
+        load_mask(other)
     save_arrays(other, {"offsets": mask["offsets"], "row_index": mask["row_index"]}, mask_meta)
     with pytest.raises(TossError, match="missing arrays keep"):
-        rp.load_mask(other, scores, meta)
+        load_mask(other)
     broken = dict(mask, offsets=mask["offsets"][::-1].copy())
     save_arrays(other, broken, mask_meta)
     with pytest.raises(TossError, match="offsets"):
-        rp.load_mask(other, scores, meta)
+        load_mask(other)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(TossError, match="not a readable safetensors"):
-        rp.load_scores(junk)
+        load_scores(junk)
 
 
 def test_wrong_tokenizer_and_wrong_data_are_refused(run, tmp_path, tiny_model_dir):
-    scores, meta = rp.load_scores(run["scores"])
+    meta = load_scores(run["scores"]).meta
     with pytest.raises(TossError, match="tokenizer"):
         rp.load_report_tokenizer(str(tiny_model_dir), dict(meta, tokenizer_sha256="0" * 64))
     rp.load_report_tokenizer(str(tiny_model_dir), meta)  # the right one loads

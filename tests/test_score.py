@@ -9,18 +9,25 @@ import pytest
 from adapters import make_adapter
 
 from toss_mlx import token_loss
+from toss_mlx.cache import adapter_fingerprint
 from toss_mlx.data import tokenize_dataset
 from toss_mlx.io import TossError, load_arrays
-from toss_mlx.score import (
-    FORMAT_VERSION,
-    META_KEYS,
-    Scores,
-    adapter_sha256,
-    load_scores,
-    plan_batches,
-    score_dataset,
-    score_tokens,
-)
+from toss_mlx.layout import FORMAT_VERSION, META_KEYS, Scores, load_scores
+from toss_mlx.score import ScoreSettings, score, score_tokens
+from toss_mlx.token_loss import input_lengths, plan_batches, scored_mask
+
+
+def score_data(model, utility, safety, data, out, tokenizer=None, model_name="", **settings):
+    """Score a data file with a loaded model (`toss_mlx.score.score` from its settings)."""
+    return score(ScoreSettings(model=model_name, utility=str(utility), safety=str(safety),
+                               data=str(data), out=str(out), **settings), model=model,
+                 tokenizer=tokenizer)
+
+
+def score_loaded(model, data, utility, safety, path=None, **settings):
+    """`score_tokens` of tokenized data, quiet."""
+    return score_tokens(model, data, ScoreSettings(utility=str(utility), safety=str(safety),
+                                                   quiet=True, **settings), path=path)
 
 ROWS = [
     {"messages": [{"role": "user", "content": "What is the capital of France?"},
@@ -113,7 +120,7 @@ def test_data_has_what_the_checks_need(data):
 @pytest.mark.parametrize("batch_tokens", [1, 50, 150, 400, 100_000])
 def test_batched_scorer_equals_naive_full_logits(base, adapters, data, reference, path, batch_tokens):
     model, _ = base
-    scores = score_tokens(model, data, adapters["utility"], adapters["safety"],
+    scores = score_loaded(model, data, adapters["utility"], adapters["safety"],
                           batch_tokens=batch_tokens, path=path)
     mask = scores.response_mask.astype(bool)
     assert mask.sum() == sum(int(s.response_mask[1:].sum()) for s in data.samples)
@@ -129,7 +136,7 @@ def test_batched_scorer_equals_naive_full_logits(base, adapters, data, reference
 def test_cpu_fast_attention_blocks(base, adapters, data, reference, monkeypatch):
     """Query blocks smaller than the sequences: the skipped upper-triangle blocks change nothing."""
     monkeypatch.setattr(token_loss, "ATTN_BLOCK", 7)
-    scores = score_tokens(base[0], data, adapters["utility"], adapters["safety"],
+    scores = score_loaded(base[0], data, adapters["utility"], adapters["safety"],
                           batch_tokens=300, path="cpu-fast")
     np.testing.assert_allclose(scores.loss_utility, reference["utility"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(scores.loss_safety, reference["safety"], atol=1e-5, rtol=0)
@@ -144,14 +151,14 @@ def test_without_writeable_views(base, adapters, data, reference, monkeypatch):
         return np.array(a, dtype=np.float32), None
 
     monkeypatch.setattr(token_loss, "_own_buffer", copy_only)
-    scores = score_tokens(base[0], data, adapters["utility"], adapters["safety"],
+    scores = score_loaded(base[0], data, adapters["utility"], adapters["safety"],
                           batch_tokens=300, path="cpu-fast")
     np.testing.assert_allclose(scores.loss_utility, reference["utility"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(scores.loss_safety, reference["safety"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rope", [
-    {"rope_traditional": True},  # interleaved pairs: MLX's own RoPE, not the numpy tables
+    {"rope_traditional": True},  # interleaved pairs (traditional RoPE), run by MLX's own rope module
     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
     {"rope_scaling": {"type": "dynamic", "factor": 4.0}, "max_position_embeddings": 32},
@@ -163,8 +170,8 @@ def test_other_rope_variants(adapters, data, tmp_path, rope):
 
     folder = build_model_folder(tmp_path / "model", seed=5, **rope)
     model, _ = load_model(str(folder), quiet=True)
-    assert token_loss.pick_path(model, data.samples[2].tokens) == "cpu-fast"
-    scores = score_tokens(model, data, adapters["utility"], adapters["safety"],
+    assert token_loss.pick_path(model, data.samples[2].tokens)[0] == "cpu-fast"
+    scores = score_loaded(model, data, adapters["utility"], adapters["safety"],
                           batch_tokens=300, path="cpu-fast")
     np.testing.assert_allclose(scores.loss_utility, naive_losses(folder, adapters["utility"], data),
                                atol=1e-5, rtol=0)
@@ -172,13 +179,13 @@ def test_other_rope_variants(adapters, data, tmp_path, rope):
 
 def test_small_head_chunks(base, adapters, data, reference, monkeypatch):
     monkeypatch.setattr(token_loss, "HEAD_CHUNK_BYTES", 4 * 400 * 3)  # 3 rows per chunk
-    scores = score_tokens(base[0], data, adapters["utility"], adapters["safety"], batch_tokens=200)
+    scores = score_loaded(base[0], data, adapters["utility"], adapters["safety"], batch_tokens=200)
     np.testing.assert_allclose(scores.loss_utility, reference["utility"], atol=1e-5, rtol=0)
 
 
 def test_adapters_of_different_structure(base, adapters, data, reference):
     for utility, safety in (("wide", "utility"), ("utility", "dora"), ("dora", "wide")):
-        scores = score_tokens(base[0], data, adapters[utility], adapters[safety], batch_tokens=200)
+        scores = score_loaded(base[0], data, adapters[utility], adapters[safety], batch_tokens=200)
         np.testing.assert_allclose(scores.loss_utility, reference[utility], atol=1e-5, rtol=0)
         np.testing.assert_allclose(scores.loss_safety, reference[safety], atol=1e-5, rtol=0)
 
@@ -192,7 +199,7 @@ def test_token_losses_sum_to_the_models_masked_loss(base, adapters, data):
     from toss_mlx.models.lora import strip_adapters
 
     model = base[0]
-    scores = score_tokens(model, data, adapters["utility"], adapters["safety"], batch_tokens=120)
+    scores = score_loaded(model, data, adapters["utility"], adapters["safety"], batch_tokens=120)
     apply_adapter(model, adapters["utility"])
     try:
         for i, s in enumerate(data.samples):
@@ -207,7 +214,7 @@ def test_token_losses_sum_to_the_models_masked_loss(base, adapters, data):
 
 
 def test_same_adapter_twice_scores_zero(base, adapters, data):
-    scores = score_tokens(base[0], data, adapters["safety"], adapters["safety"], batch_tokens=200)
+    scores = score_loaded(base[0], data, adapters["safety"], adapters["safety"], batch_tokens=200)
     assert np.all(scores.score == 0)
     assert scores.loss_safety[scores.response_mask == 1].min() > 0
 
@@ -218,7 +225,7 @@ def test_model_comes_back_bare(base, adapters, data):
     model = base[0]
     x = mx.array(data.samples[0].tokens)[None]
     before = np.array(model(x))
-    score_tokens(model, data, adapters["wide"], adapters["dora"], batch_tokens=200)
+    score_loaded(model, data, adapters["wide"], adapters["dora"], batch_tokens=200)
     assert not any("lora_a" in m for _, m in model.named_modules())
     np.testing.assert_array_equal(np.array(model(x)), before)
 
@@ -240,8 +247,8 @@ def test_path_check_falls_back_for_unusual_heads(base, data):
 
     model = Scaled(base[0])
     tokens = data.samples[0].tokens
-    assert token_loss.pick_path(base[0], tokens) == "cpu-fast"
-    assert token_loss.pick_path(model, tokens) == "full"
+    assert token_loss.pick_path(base[0], tokens)[0] == "cpu-fast"
+    assert token_loss.pick_path(model, tokens)[0] == "full"
     rows = np.arange(len(tokens) - 1)
     got = token_loss.response_losses(model, tokens[None, :-1], rows, tokens[1:], "full")
     logits = np.array(model(mx.array(tokens)[None]))[0].astype(np.float64)[:-1]
@@ -274,7 +281,7 @@ def test_plan_batches_respects_budget_and_covers_every_sample():
 def test_score_dataset_writes_the_documented_layout(base, adapters, data_file, data, reference, tmp_path):
     model, tokenizer = base
     out = tmp_path / "scores.safetensors"
-    score_dataset(model, adapters["utility"], adapters["safety"], data_file, out, tokenizer=tokenizer,
+    score_data(model, adapters["utility"], adapters["safety"], data_file, out, tokenizer=tokenizer,
                   max_seq_len=96, model_name="tiny", quiet=True)
     arrays, meta = load_arrays(out)
     assert {k: str(v.dtype) for k, v in arrays.items()} == {
@@ -287,13 +294,70 @@ def test_score_dataset_writes_the_documented_layout(base, adapters, data_file, d
     for k, v in data.fingerprint.items():
         assert meta[k] == str(v)
     assert meta["model"] == "tiny" and meta["format_version"] == FORMAT_VERSION
-    assert meta["utility_adapter_sha256"] == adapter_sha256(adapters["utility"])
-    assert meta["safety_adapter_sha256"] == adapter_sha256(adapters["safety"])
+    assert meta["utility_adapter_sha256"] == adapter_fingerprint(adapters["utility"])
+    assert meta["safety_adapter_sha256"] == adapter_fingerprint(adapters["safety"])
     assert meta["utility_adapter_sha256"] != meta["safety_adapter_sha256"]
     s = load_scores(out)
     np.testing.assert_allclose(s.score, np.where(s.response_mask == 1,
                                                  reference["utility"] - reference["safety"], 0), atol=2e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.safetensors"]  # no temp, no .partial
+
+
+def test_a_toss_pro_round_reuses_the_utility_losses(base, adapters, data_file, tmp_path,
+                                                    monkeypatch):
+    """With reuse_utility only the safety side runs; loss_utility is the first scoring's, bit
+    for bit, and loss_safety is what a fresh two-model score gives."""
+    model, tokenizer = base
+    kw = dict(tokenizer=tokenizer, max_seq_len=96, batch_tokens=150, quiet=True, model_name="tiny")
+    first = score_data(model, adapters["utility"], adapters["safety"], data_file,
+                       tmp_path / "round-1.safetensors", **kw)
+    fresh = score_data(model, adapters["utility"], adapters["dora"], data_file,
+                       tmp_path / "fresh.safetensors", **kw)
+    calls = _interrupting(monkeypatch, after=None)
+    reused = score_data(model, adapters["utility"], adapters["dora"], data_file,
+                        tmp_path / "round-2.safetensors",
+                        reuse_utility=str(tmp_path / "round-1.safetensors"), **kw)
+    n_batches = len(plan_batches(input_lengths(
+        fresh.arrays(), fresh.response_mask.astype(bool)), 150))
+    assert calls["n"] == n_batches  # one pass per batch, not two
+    np.testing.assert_array_equal(reused.loss_utility, first.loss_utility)
+    np.testing.assert_array_equal(reused.loss_safety, fresh.loss_safety)
+    np.testing.assert_array_equal(reused.score, fresh.score)
+    assert reused.meta["safety_adapter_sha256"] == fresh.meta["safety_adapter_sha256"]
+    monkeypatch.undo()
+    # another utility adapter, or another model name: refused, naming what differs
+    with pytest.raises(TossError, match="(?s)cannot reuse.*utility_adapter_sha256"):
+        score_data(model, adapters["wide"], adapters["dora"], data_file, tmp_path / "x.safetensors",
+                   reuse_utility=str(tmp_path / "round-1.safetensors"), **kw)
+    with pytest.raises(TossError, match="(?s)cannot reuse.*max_seq_len"):
+        score_data(model, adapters["utility"], adapters["dora"], data_file, tmp_path / "x.safetensors",
+                   reuse_utility=str(tmp_path / "round-1.safetensors"), **dict(kw, max_seq_len=64))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_path_choice_is_recorded_and_made_once_per_model(base, adapters, data_file, data, tmp_path,
+                                                         monkeypatch):
+    model, tokenizer = base
+    probes = []
+    real = token_loss._probe
+    monkeypatch.setattr(token_loss, "_probe", lambda m, x: (probes.append(x), real(m, x))[1])
+    token_loss._CHOICES.clear()
+    scores = score_data(model, adapters["utility"], adapters["safety"], data_file,
+                        tmp_path / "s.safetensors", tokenizer=tokenizer, max_seq_len=96, quiet=True)
+    assert scores.meta["score_path"] == "cpu-fast"  # the tiny llama on a Linux CPU
+    assert "matches the model's logits on a padded probe of 2 x" in scores.meta["score_path_reason"]
+    assert load_scores(tmp_path / "s.safetensors").meta["score_path"] == "cpu-fast"
+    assert len(probes) == 1
+    score_data(model, adapters["utility"], adapters["dora"], data_file, tmp_path / "t.safetensors",
+               tokenizer=tokenizer, max_seq_len=96, quiet=True)
+    assert len(probes) == 1  # same model object, same device and dtype: not probed again
+    monkeypatch.setenv("TOSS_MLX_CPU_FAST", "0")
+    assert token_loss.pick_path(model, data.samples[0].tokens)[0] == "body"
+    assert len(probes) == 2
+    # the probe: two rows of real tokens over two attention blocks, the second right-padded
+    batch = token_loss.probe_batch([data.samples[0].tokens, data.samples[1].tokens])
+    assert batch.shape == (2, token_loss.PROBE_LENGTH) and token_loss.PROBE_LENGTH > token_loss.ATTN_BLOCK
+    assert (batch[1, -1] == 0) and (batch[1, 0] == data.samples[1].tokens[-1])
 
 
 def _interrupting(monkeypatch, after: int):
@@ -318,13 +382,13 @@ def test_killed_run_resumes_without_recomputing(base, adapters, data_file, tmp_p
     out = tmp_path / "scores.safetensors"
     kw = dict(tokenizer=tokenizer, max_seq_len=96, batch_tokens=150, quiet=True, flush_seconds=0)
     batches = plan_batches(
-        __import__("toss_mlx.score", fromlist=["input_lengths"]).input_lengths(
+        input_lengths(
             *_flat_and_mask(data_file, tokenizer)), 150)
     assert len(batches) >= 4
 
     calls = _interrupting(monkeypatch, after=5)  # 2 passes per batch: dies inside batch 3
     with pytest.raises(KeyboardInterrupt):
-        score_dataset(model, adapters["utility"], adapters["safety"], data_file, out, **kw)
+        score_data(model, adapters["utility"], adapters["safety"], data_file, out, **kw)
     assert not out.exists()
     shards = list((tmp_path / "scores.safetensors.partial").glob("shard-*.safetensors"))
     assert len(shards) == 2  # batches 0 and 1 were flushed; the half-done batch 2 was not
@@ -332,20 +396,18 @@ def test_killed_run_resumes_without_recomputing(base, adapters, data_file, tmp_p
 
     monkeypatch.undo()
     calls = _interrupting(monkeypatch, after=None)
-    resumed = score_dataset(model, adapters["utility"], adapters["safety"], data_file, out, **kw)
+    resumed = score_data(model, adapters["utility"], adapters["safety"], data_file, out, **kw)
     assert calls["n"] == 2 * (len(batches) - 2)
     assert not (tmp_path / "scores.safetensors.partial").exists()
 
     monkeypatch.undo()
-    fresh = score_dataset(model, adapters["utility"], adapters["safety"], data_file,
+    fresh = score_data(model, adapters["utility"], adapters["safety"], data_file,
                           tmp_path / "fresh.safetensors", **kw)
     for k, v in fresh.arrays().items():
         np.testing.assert_array_equal(getattr(resumed, k), v)
 
 
 def _flat_and_mask(data_file, tokenizer):
-    from toss_mlx.score import scored_mask
-
     flat = tokenize_dataset(data_file, tokenizer, max_seq_len=96).flat()
     return flat, scored_mask(flat)
 
@@ -356,10 +418,10 @@ def test_shards_of_another_run_are_ignored(base, adapters, data_file, tmp_path, 
     kw = dict(tokenizer=tokenizer, max_seq_len=96, batch_tokens=150, quiet=True, flush_seconds=0)
     _interrupting(monkeypatch, after=4)
     with pytest.raises(KeyboardInterrupt):  # leaves shards made with the wide utility adapter
-        score_dataset(model, adapters["wide"], adapters["safety"], data_file, out, **kw)
+        score_data(model, adapters["wide"], adapters["safety"], data_file, out, **kw)
     monkeypatch.undo()
-    got = score_dataset(model, adapters["utility"], adapters["safety"], data_file, out, **kw)
-    want = score_tokens(model, tokenize_dataset(data_file, tokenizer, max_seq_len=96),
+    got = score_data(model, adapters["utility"], adapters["safety"], data_file, out, **kw)
+    want = score_loaded(model, tokenize_dataset(data_file, tokenizer, max_seq_len=96),
                         adapters["utility"], adapters["safety"], batch_tokens=150)
     np.testing.assert_array_equal(got.loss_utility, want.loss_utility)
 
@@ -416,6 +478,21 @@ def test_cli_score_and_bad_adapter(tiny_model_dir, adapters, data_file, tmp_path
     assert "not an adapter folder" in result.output
     assert not (tmp_path / "t.safetensors").exists()
 
+    # settings layered like train's: YAML, then --set, then flags; nothing restated by the CLI
+    config = tmp_path / "score.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nutility: {adapters['utility']}\n"
+                      f"safety: {adapters['safety']}\nmax_seq_len: 96\nbatch_tokns: 1\n")
+    typo = CliRunner().invoke(app, ["score", "--config", str(config), "--data", str(data_file)])
+    assert typo.exit_code == 2 and "did you mean 'batch_tokens'" in typo.output
+    config.write_text(config.read_text().replace("batch_tokns: 1", "batch_tokens: 100"))
+    layered = tmp_path / "layered.safetensors"
+    result = CliRunner().invoke(app, ["score", "--config", str(config), "--data", str(data_file),
+                                      "--set", "batch_tokens=200", "--out", str(layered), "-q"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(load_scores(layered).score, load_scores(out).score)
+    missing = CliRunner().invoke(app, ["score", "--data", str(data_file)])
+    assert missing.exit_code == 2 and "--model and --utility and --safety required" in missing.output
+
 
 @pytest.mark.slow
 def test_real_model_matches_naive(smollm2_dir, data_file, tmp_path):
@@ -426,8 +503,8 @@ def test_real_model_matches_naive(smollm2_dir, data_file, tmp_path):
     data = tokenize_dataset(data_file, tokenizer, max_seq_len=96)
     utility = make_adapter(smollm2_dir, tmp_path / "u", seed=1, amplitude=0.05)
     safety = make_adapter(smollm2_dir, tmp_path / "h", seed=2, amplitude=0.05)
-    assert token_loss.pick_path(model, data.samples[0].tokens) == "cpu-fast"
-    scores = score_tokens(model, data, utility, safety, batch_tokens=256)
+    assert token_loss.pick_path(model, data.samples[0].tokens)[0] == "cpu-fast"
+    scores = score_loaded(model, data, utility, safety, batch_tokens=256)
     want_u = naive_losses(smollm2_dir, utility, data)
     want_h = naive_losses(smollm2_dir, safety, data)
     # 30 float32 layers in another order of operations: 2.6e-5 here.

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from adapters import make_adapter
 
-from toss_mlx.score import load_scores, plan_batches, score_dataset
+from toss_mlx.layout import load_scores
+from toss_mlx.score import ScoreSettings, score
+from toss_mlx.token_loss import plan_batches
 
 ROWS = [{"prompt": f"Question {i}: name {i} things.",
          "completion": " ".join(["thing"] * (1 + 3 * (i % 5))) + "."} for i in range(10)]
@@ -33,7 +35,8 @@ WORKER = textwrap.dedent("""
         return real(*args, **kwargs)
 
     score_mod.response_losses = counted
-    scores = score_mod.score_dataset(model, utility, safety, data, out, batch_tokens=40, quiet=True)
+    scores = score_mod.score(score_mod.ScoreSettings(model=model, utility=utility, safety=safety,
+                                                     data=data, out=out, batch_tokens=40, quiet=True))
     import mlx.core as mx
     group = mx.distributed.init()
     with open(f"{log}.{group.rank()}", "w") as f:
@@ -62,7 +65,7 @@ def test_two_ranks_share_batches_and_write_one_file(tmp_path, tiny_model_dir, to
 
     from toss_mlx.data import tokenize_dataset
     from toss_mlx.models.load import load_model
-    from toss_mlx.score import input_lengths, scored_mask
+    from toss_mlx.token_loss import input_lengths, scored_mask
 
     flat = tokenize_dataset(data, tokenizer).flat()
     n_batches = len(plan_batches(input_lengths(flat, scored_mask(flat)), 40))
@@ -75,8 +78,9 @@ def test_two_ranks_share_batches_and_write_one_file(tmp_path, tiny_model_dir, to
     assert not (tmp_path / "two.safetensors.partial").exists()
 
     model, tok = load_model(str(tiny_model_dir), quiet=True)
-    one = score_dataset(model, utility, safety, data, tmp_path / "one.safetensors", tokenizer=tok,
-                        batch_tokens=40, model_name=str(tiny_model_dir), quiet=True)
+    one = score(ScoreSettings(model=str(tiny_model_dir), utility=str(utility), safety=str(safety),
+                              data=str(data), out=str(tmp_path / "one.safetensors"), batch_tokens=40,
+                              quiet=True), model=model, tokenizer=tok)
     two = load_scores(out)
     for k, v in one.arrays().items():
         np.testing.assert_allclose(getattr(two, k), v, atol=1e-6, rtol=0, err_msg=k)

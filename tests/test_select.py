@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from toss_mlx.io import TossError, load_arrays, save_arrays
-from toss_mlx.score import FORMAT_VERSION, META_KEYS, Scores
+from toss_mlx.layout import FORMAT_VERSION, META_KEYS, Scores, answer_positions
 from toss_mlx.select import (
-    answer_positions,
     check_scores_match,
     format_summary,
     select,
@@ -242,7 +241,7 @@ def test_mask_file_layout_and_metadata(tmp_path):
 
 
 def test_mask_is_accepted_by_the_trainer(tmp_path, tokenizer):
-    batches = pytest.importorskip("toss_mlx.batches")
+    from toss_mlx import batches
     from toss_mlx.data import tokenize_dataset
 
     data_file = tmp_path / "d.jsonl"
@@ -262,7 +261,7 @@ def test_mask_is_accepted_by_the_trainer(tmp_path, tokenizer):
                                                                     "safety_adapter_sha256": "h"})
     f = write_scores(tmp_path / "scores.safetensors", s)
     sel = select_file(f, tmp_path / "mask.safetensors", ratio=0.3)
-    keep = batches.load_mask(tmp_path / "mask.safetensors", data)
+    keep = batches.keep_of_mask(tmp_path / "mask.safetensors", data)
     np.testing.assert_array_equal(keep, sel.keep.astype(bool))
 
 
@@ -336,7 +335,7 @@ def test_scores_of_other_data_or_tokenizer_are_refused(tmp_path, tokenizer, tiny
 
 
 def load_scores_(f):
-    from toss_mlx.score import load_scores
+    from toss_mlx.layout import load_scores
 
     return load_scores(f)
 

@@ -14,7 +14,7 @@ from toss_mlx.batches import (
     KeepDataset,
     epoch_batches,
     iterate_batches,
-    load_mask,
+    keep_of_mask,
     make_batch,
     masked_cross_entropy,
     masked_loss,
@@ -70,7 +70,7 @@ def random_mask(tokenized, seed=0, share=0.7):
 
 def batch_of(tokenized, keep_override=None, rows=(0, 1, 2, 3), mask=None):
     ds = KeepDataset.build(tokenized, mask)
-    tokens, lengths, keep = make_batch(ds, np.array(rows), 2048)
+    tokens, lengths, keep, *_ = make_batch(ds, np.array(rows), 2048)
     if keep_override is not None:
         keep = keep_override(np.array(keep))
         keep = mx.array(keep)
@@ -121,6 +121,41 @@ def test_loss_equals_hand_computed_masked_cross_entropy(lora_model, tokenized, n
         want = flat["response_mask"][a:b].astype(bool) & mask[a:b]
         assert np.array_equal(np.array(keep)[row, : b - a], want)
         assert not np.array(keep)[row, b - a:].any()  # padding is never a target
+
+
+@pytest.mark.parametrize("norm", ["token", "sample"])
+@pytest.mark.parametrize("kept", ["mask", "none"])
+def test_loss_at_kept_positions_equals_the_full_logits_loss(lora_model, tokenized, norm, kept):
+    """Projecting only the kept targets' hidden states (tied embedding, chunked, checkpointed)
+    gives the full-logits loss and gradients; a batch with nothing kept gives 0 and zero grads."""
+    import toss_mlx.batches as batches
+    from toss_mlx import token_loss
+
+    ds = KeepDataset.build(tokenized, random_mask(tokenized) if kept == "mask" else
+                           np.zeros(tokenized.flat()["offsets"][-1], bool))
+    batch = make_batch(ds, np.array([0, 1, 2, 3]), 2048)
+    assert len(batch) == 5 and batch[3].shape[0] % batches.KEPT_PAD == 0
+    batches._KEPT_HEAD.clear()
+    full_loss, full_grads = grads_of(lora_model, batch, norm)  # never checked: full logits
+    assert batches.use_kept_head(lora_model, np.array(batch[0][0]))
+    assert token_loss.head(lora_model) is not None and lora_model.args.tie_word_embeddings
+    try:
+        kept_loss, kept_grads = grads_of(lora_model, batch, norm)
+        small, _ = grads_of(lora_model, batch[:3], norm)  # rows computed from keep
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(token_loss, "HEAD_CHUNK_BYTES", 4 * 400 * 5)  # 5 rows per chunk
+            chunked_loss, chunked_grads = grads_of(lora_model, batch, norm)
+    finally:
+        batches._KEPT_HEAD.clear()
+    assert kept_loss.item() == pytest.approx(full_loss.item(), rel=1e-5, abs=1e-7)
+    assert small.item() == pytest.approx(kept_loss.item(), rel=1e-6, abs=1e-7)
+    assert chunked_loss.item() == pytest.approx(kept_loss.item(), rel=1e-6, abs=1e-7)
+    for name, g in full_grads.items():
+        np.testing.assert_allclose(np.array(kept_grads[name]), np.array(g), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.array(chunked_grads[name]), np.array(g), rtol=1e-4, atol=1e-6)
+    if kept == "none":
+        assert kept_loss.item() == 0.0
+        assert all(not np.any(np.array(g)) for g in kept_grads.values())
 
 
 def test_norms_differ_when_samples_have_different_kept_counts(lora_model, tokenized):
@@ -252,33 +287,33 @@ def write_mask(path, tokenized, keep, **meta_changes):
 def test_mask_round_trip_and_refusals(tmp_path, tokenized):
     keep = random_mask(tokenized)
     good = write_mask(tmp_path / "mask.safetensors", tokenized, keep)
-    assert np.array_equal(load_mask(good, tokenized), keep)
+    assert np.array_equal(keep_of_mask(good, tokenized), keep)
 
     other = write_mask(tmp_path / "other.safetensors", tokenized, keep, template="plain",
                        dataset_sha256="0" * 64)
     with pytest.raises(TossError, match="(?s)other data.*dataset_sha256.*template"):
-        load_mask(other, tokenized)
+        keep_of_mask(other, tokenized)
 
     flat = tokenized.flat()
     shifted = tmp_path / "rows.safetensors"
     save_arrays(shifted, {"offsets": flat["offsets"], "row_index": flat["row_index"] + 1,
                           "keep": keep.astype(np.uint8)}, tokenized.fingerprint)
     with pytest.raises(TossError, match="rows other than"):
-        load_mask(shifted, tokenized)
+        keep_of_mask(shifted, tokenized)
     offsets = flat["offsets"].copy()
     offsets[1] += 1
     moved = tmp_path / "offsets.safetensors"
     save_arrays(moved, {"offsets": offsets, "row_index": flat["row_index"],
                         "keep": keep.astype(np.uint8)}, tokenized.fingerprint)
     with pytest.raises(TossError, match="offsets differ"):
-        load_mask(moved, tokenized)
+        keep_of_mask(moved, tokenized)
 
     with pytest.raises(TossError, match="not found"):
-        load_mask(tmp_path / "missing.safetensors", tokenized)
+        keep_of_mask(tmp_path / "missing.safetensors", tokenized)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(TossError, match="not a readable safetensors mask file"):
-        load_mask(corrupt, tokenized)
+        keep_of_mask(corrupt, tokenized)
 
 
 # ---------------------------------------------------------------- training runs
@@ -432,3 +467,33 @@ def test_init_adapter_continues_from_its_weights(tmp_path, tiny_model_dir, data_
         train(replace(cont, out=str(tmp_path / "wrong"), lora=LoraSettings(rank=8)))
     with pytest.raises(TossError, match="adapter not found"):
         train(replace(cont, out=str(tmp_path / "none"), init_adapter=str(tmp_path / "nope")))
+
+
+@pytest.mark.slow
+def test_real_model_loss_at_kept_positions_equals_full_logits(smollm2_dir, data_file):
+    """SmolLM2-135M (49k vocabulary, tied embeddings, 30 layers): the kept-positions loss and
+    its LoRA gradients equal the full-logits ones."""
+    import toss_mlx.batches as batches
+
+    model, tokenizer = load_model(str(smollm2_dir), quiet=True)
+    mx.random.seed(0)
+    add_lora(model, LoraSettings(rank=4, num_layers=4))
+    model.load_weights([(name, 0.01 * mx.random.normal(p.shape))
+                        for name, p in tree_flatten(model.trainable_parameters())
+                        if name.endswith("lora_b")], strict=False)
+    data = tokenize_dataset(data_file, tokenizer, max_seq_len=128)
+    ds = KeepDataset.build(data, random_mask(data))
+    batch = make_batch(ds, np.arange(min(4, len(data.samples))), 128)
+    batches._KEPT_HEAD.clear()
+    try:
+        for norm in ("token", "sample"):
+            full_loss, full_grads = grads_of(model, batch, norm)
+            assert batches.use_kept_head(model, np.array(batch[0][0]))
+            kept_loss, kept_grads = grads_of(model, batch, norm)
+            batches._KEPT_HEAD.clear()
+            assert kept_loss.item() == pytest.approx(full_loss.item(), rel=1e-5)
+            for name, g in full_grads.items():
+                np.testing.assert_allclose(np.array(kept_grads[name]), np.array(g), rtol=1e-3,
+                                           atol=1e-6, err_msg=name)
+    finally:
+        batches._KEPT_HEAD.clear()

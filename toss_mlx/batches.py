@@ -1,6 +1,6 @@
 """Token-masked batches and loss: what `toss-mlx train` feeds mlx-lm's trainer.
 
-1. `load_mask` reads a mask file written by `toss-mlx select` and refuses it
+1. `keep_of_mask` reads a mask file written by `toss-mlx select` and refuses it
    unless it was made for exactly this tokenized data (fingerprint, rows, offsets).
 2. `KeepDataset` holds each sample's tokens and keep mask: the response tokens
    that the mask keeps (every response token when there is no mask). Removed
@@ -27,40 +27,29 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from .data import TokenizedData, check_fingerprint
-from .io import TossError, load_arrays
+from .data import TokenizedData
+from .io import TossError
+from .layout import load_mask
 
 LOSS_NORMS = ("token", "sample")
 PAD_TO = 32  # mlx-lm's padding step: few distinct shapes, so few recompiles
+KEPT_PAD = 32  # kept-target rows are padded to a multiple of this, for the same reason
 
 
 # ---------------------------------------------------------------- 1. masks
 
 
-def load_mask(path: str | os.PathLike, data: TokenizedData) -> np.ndarray:
-    """Read a mask file and return its `keep` array (bool [T], aligned with `data.flat()`).
+def keep_of_mask(path: str | os.PathLike, data: TokenizedData) -> np.ndarray:
+    """The `keep` array (bool [T], aligned with `data.flat()`) of a mask made for `data`.
 
-    Refused with a clear message when the file is missing or unreadable, when it was
-    made for other data, tokenizer, template or max length, or when its rows and
-    token offsets disagree with `data`.
+    Checked by `toss_mlx.layout.load_mask`: refused unless made for exactly this
+    tokenized data (fingerprint, rows, offsets).
     """
-    arrays, meta = load_arrays(path, "mask file")
-    missing = [k for k in ("offsets", "row_index", "keep") if k not in arrays]
-    if missing:
-        raise TossError(f"{path}: not a mask file (missing arrays: {', '.join(missing)})")
-    check_fingerprint(data.fingerprint, meta, f"mask file {path}")
     flat = data.flat()
-    offsets, rows, keep = arrays["offsets"], arrays["row_index"], arrays["keep"]
-    if len(rows) != len(flat["row_index"]) or not np.array_equal(rows, flat["row_index"]):
-        raise TossError(f"{path}: the mask covers rows other than the data's "
-                        f"({len(rows)} vs {len(flat['row_index'])} samples); remake it with `toss-mlx select`")
-    if not np.array_equal(offsets, flat["offsets"]):
-        raise TossError(f"{path}: the mask's token offsets differ from the tokenized data; "
-                        "remake it with `toss-mlx select`")
-    if keep.ndim != 1 or len(keep) != int(offsets[-1]):
-        raise TossError(f"{path}: 'keep' has {keep.size} entries, the data has {int(offsets[-1])} tokens")
-    return keep.astype(bool)
+    return load_mask(path, flat["offsets"], flat["row_index"], data.fingerprint,
+                     "the tokenized data").keep
 
 
 # ---------------------------------------------------------------- 2. samples
@@ -132,9 +121,26 @@ def steps_per_epoch(n_samples: int, batch_size: int) -> int:
     return -(-n_samples // batch_size)
 
 
+def kept_rows(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, samples) int32 [K]: the kept targets of a batch's bool keep [B, W].
+
+    Row b * (W - 1) + j of the flattened [B, W - 1] input positions predicts target
+    keep[b, j + 1]; `samples` is b. Padded with -1 to a multiple of KEPT_PAD (at least
+    one block), so that batches take few distinct shapes (each is one compile).
+    """
+    B, W = keep.shape
+    b, j = np.nonzero(keep[:, 1:])
+    k = max(KEPT_PAD, KEPT_PAD * -(-len(b) // KEPT_PAD))
+    rows, samples = np.full(k, -1, np.int32), np.full(k, -1, np.int32)
+    rows[:len(b)] = b * (W - 1) + j
+    samples[:len(b)] = b
+    return rows, samples
+
+
 def make_batch(dataset: KeepDataset, indices: np.ndarray, max_seq_length: int
-               ) -> tuple[mx.array, mx.array, mx.array]:
-    """Pad the samples `indices` (-1: empty row) into (tokens, lengths, keep)."""
+               ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    """Pad the samples `indices` (-1: empty row) into (tokens, lengths, keep, rows, samples);
+    rows and samples locate the kept targets (`kept_rows`)."""
     lengths = [len(dataset.tokens[i]) if i >= 0 else 0 for i in indices]
     width = 1 + PAD_TO * (-(-max(lengths) // PAD_TO))  # like mlx-lm: one plus a multiple of 32
     width = max(2, min(width, max_seq_length), max(lengths))
@@ -144,7 +150,9 @@ def make_batch(dataset: KeepDataset, indices: np.ndarray, max_seq_length: int
         if i >= 0:
             tokens[row, :lengths[row]] = dataset.tokens[i]
             keep[row, :lengths[row]] = dataset.keep[i]
-    return mx.array(tokens), mx.array(np.array(lengths, np.int32)), mx.array(keep)
+    rows, samples = kept_rows(keep)
+    return (mx.array(tokens), mx.array(np.array(lengths, np.int32)), mx.array(keep),
+            mx.array(rows), mx.array(samples))
 
 
 class BatchPlan:
@@ -170,8 +178,8 @@ class BatchPlan:
 def iterate_batches(dataset: KeepDataset, batch_size: int, max_seq_length: int,
                     loop: bool = False, seed: int | None = None, comm_group=None, *,
                     start_step: int = 0, group_by_length: bool = True
-                    ) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
-    """mlx-lm's `iterate_batches` hook: yields (tokens, lengths, keep) for this rank.
+                    ) -> Iterator[tuple[mx.array, ...]]:
+    """mlx-lm's `iterate_batches` hook: yields `make_batch`'s arrays for this rank.
 
     `batch_size` is the global batch; rank r of W takes rows r, r+W, ... of each.
     loop=True (training): global steps start_step, start_step+1, ... forever,
@@ -212,7 +220,88 @@ def masked_cross_entropy(logits: mx.array, targets: mx.array, keep: mx.array,
     return means.sum(), (per_sample > 0).sum().astype(mx.float32)
 
 
+_KEPT_HEAD: dict[int, tuple] = {}  # id(model) -> (weakref, whether head(body) is the model)
+
+
+def use_kept_head(model: nn.Module, tokens: np.ndarray) -> bool:
+    """Check once (eagerly, before training) that the model's logits are its vocabulary
+    projection of its body's hidden states (`token_loss.pick_path`); then the losses
+    project only the kept targets' hidden states. Otherwise (or never checked) they use
+    the model's full logits."""
+    import weakref
+
+    from .token_loss import pick_path
+
+    ok = pick_path(model, tokens)[0] != "full"
+    _KEPT_HEAD[id(model)] = (weakref.ref(model), ok)
+    return ok
+
+
+def _kept_head(model: nn.Module):
+    entry = _KEPT_HEAD.get(id(model))
+    if entry is None or entry[0]() is not model or not entry[1]:
+        return None
+    from .token_loss import head
+
+    return head(model)
+
+
+def kept_cross_entropy(model: nn.Module, tokens: mx.array, keep: mx.array, rows: mx.array | None,
+                       samples: mx.array | None, norm: str = "token") -> tuple[mx.array, mx.array]:
+    """(numerator, denominator) of the masked loss over the kept targets (see
+    `masked_cross_entropy`), computed at the kept positions only.
+
+    The body runs over the batch; only the hidden states of the kept targets
+    (`rows`, from `kept_rows`) meet the vocabulary projection, in chunks whose logits
+    are recomputed in the backward pass (`mx.checkpoint`) instead of kept: memory
+    grows with the kept targets, not with batch x length x vocabulary.
+    """
+    if norm not in LOSS_NORMS:
+        raise ValueError(f"unknown loss norm {norm!r} (expected one of {', '.join(LOSS_NORMS)})")
+    proj = _kept_head(model)
+    if proj is None:  # the model's own logits, all positions
+        return masked_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], keep[:, 1:], norm)
+    if rows is None:
+        rows, samples = (mx.array(a) for a in kept_rows(np.array(keep.astype(mx.bool_))))
+    from .token_loss import HEAD_CHUNK_BYTES
+
+    h = model.model(tokens[:, :-1])
+    valid = rows >= 0
+    index = mx.stop_gradient(mx.maximum(rows, 0))  # indices carry no gradient
+    hidden = mx.take(h.reshape(-1, h.shape[-1]), index, axis=0)  # [K, D]
+    targets = mx.stop_gradient(mx.take(tokens[:, 1:].reshape(-1), index))  # [K]
+    vocab = proj.weight.shape[0] if hasattr(proj, "weight") else model.model.embed_tokens.weight.shape[0]
+    step = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+    # mx.checkpoint passes no gradient to the weights it captures: only a frozen head
+    # (always, for LoRA/DoRA) may have its chunks recomputed instead of kept.
+    head_module = model.lm_head if hasattr(model, "lm_head") and not getattr(
+        model.args, "tie_word_embeddings", False) else model.model.embed_tokens
+    frozen_head = not tree_flatten(head_module.trainable_parameters())
+
+    def chunk_ce(t: mx.array):
+        # The targets are captured, not arguments: the checkpoint differentiates its arguments.
+        def ce(x: mx.array) -> mx.array:
+            logits = proj(x).astype(mx.float32)
+            return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+
+        return mx.checkpoint(ce) if frozen_head else ce
+
+    k = hidden.shape[0]
+    parts = [chunk_ce(targets[a:a + step])(hidden[a:a + step]) for a in range(0, k, step)]
+    ce = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    # `where` (not multiply) so that a padding row's gradient is exactly zero.
+    ce = mx.where(valid, ce, 0).astype(mx.float32)
+    if norm == "token":
+        return ce.sum(), valid.sum().astype(mx.float32)
+    owner = (samples[:, None] == mx.arange(tokens.shape[0])[None]) & valid[:, None]  # [K, B]
+    per_sample = owner.sum(axis=0)
+    sums = (mx.where(owner, ce[:, None], 0)).sum(axis=0)
+    means = sums / mx.maximum(per_sample, 1).astype(mx.float32)
+    return means.sum(), (per_sample > 0).sum().astype(mx.float32)
+
+
 def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array, keep: mx.array,
+                rows: mx.array | None = None, samples: mx.array | None = None,
                 norm: str = "token") -> tuple[mx.array, mx.array]:
     """Training loss for mlx-lm's trainer: (loss, tokens in the batch).
 
@@ -220,8 +309,7 @@ def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array, keep: mx.
     by W, so that the mean of the ranks' gradients (mlx-lm's average_gradients)
     equals the gradient of one process holding the whole global batch.
     """
-    logits = model(tokens[:, :-1])
-    numerator, denominator = masked_cross_entropy(logits, tokens[:, 1:], keep[:, 1:], norm)
+    numerator, denominator = kept_cross_entropy(model, tokens, keep, rows, samples, norm)
     world = mx.distributed.init().size()
     if world > 1:
         denominator = mx.distributed.all_sum(mx.stop_gradient(denominator))
@@ -229,12 +317,12 @@ def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array, keep: mx.
 
 
 def masked_eval_loss(model: nn.Module, tokens: mx.array, lengths: mx.array, keep: mx.array,
+                     rows: mx.array | None = None, samples: mx.array | None = None,
                      norm: str = "token") -> tuple[mx.array, mx.array]:
     """Validation loss for mlx-lm's `evaluate`: (this batch's loss, its weight).
 
     `evaluate` sums loss * weight and weight over all batches and ranks, which gives
     the same normalization over the whole validation set.
     """
-    logits = model(tokens[:, :-1])
-    numerator, denominator = masked_cross_entropy(logits, tokens[:, 1:], keep[:, 1:], norm)
+    numerator, denominator = kept_cross_entropy(model, tokens, keep, rows, samples, norm)
     return numerator / mx.maximum(denominator, 1), denominator

@@ -165,5 +165,22 @@ def build_config(cls: type[T], *layers: dict[str, Any], source: str = "config") 
     return cfg
 
 
+def layered_settings(cls: type[T], config: str | Path | None, overrides: dict[str, Any] | None,
+                     flags: dict[str, Any], required: tuple[str, ...] = (),
+                     source: str = "settings") -> T:
+    """`cls` from a YAML file, then `--set key=value` overrides, then flags (None: not given).
+
+    The dataclass holds the defaults; the CLI restates none of them. A `required` field
+    left empty by every layer is an error naming its flag.
+    """
+    layers = [read_yaml(config)] if config else []
+    settings = build_config(cls, *layers, overrides or {}, flags, source=str(config or source))
+    missing = [name for name in required if not getattr(settings, name)]
+    if missing:
+        raise TossError(" and ".join(f"--{m.replace('_', '-')}" for m in missing)
+                        + " required (a flag or a key of --config)")
+    return settings
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)

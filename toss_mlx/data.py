@@ -206,8 +206,13 @@ def _text(row: dict[str, Any], key: str, required: bool = True) -> str:
     return value
 
 
-def to_messages(row: dict[str, Any], fmt: str = "auto") -> list[dict[str, str]]:
-    """Turn a row of any supported format into chat messages. Raises ValueError on bad rows."""
+def to_messages(row: dict[str, Any], fmt: str = "auto", require_answer: bool = True
+                ) -> list[dict[str, str]]:
+    """Turn a row of any supported format into chat messages. Raises ValueError on bad rows.
+
+    `require_answer=False` also accepts a conversation without an assistant turn (a prompt
+    to answer, as in evaluation files).
+    """
     fmt = detect_format(row) if fmt == "auto" else fmt
     if fmt == "messages":
         msgs = row.get("messages")
@@ -242,7 +247,7 @@ def to_messages(row: dict[str, Any], fmt: str = "auto") -> list[dict[str, str]]:
                {"role": "assistant", "content": _text(row, "output")}]
     else:
         raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    if not any(m["role"] == "assistant" for m in out):
+    if require_answer and not any(m["role"] == "assistant" for m in out):
         raise ValueError("no assistant turn")
     return out
 
@@ -305,8 +310,8 @@ def _render_chat(messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
         prefix = _apply(tokenizer, messages[:k], True) if k else ""
         if prefix and text.startswith(prefix) and text[len(prefix):].startswith(content):
             start = len(prefix)
-        else:  # templates that rewrite earlier turns: find the answer after the last one
-            start = text.find(content, cursor)
+        else:  # templates that rewrite earlier turns: find the answer after its own prompt
+            start = text.find(content, _after_prompt(text, cursor, messages[:k], tokenizer))
             if start < 0:
                 raise ValueError("the chat template changes the assistant text; use --template plain")
         end = start + len(content)
@@ -319,6 +324,24 @@ def _render_chat(messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
         spans.append((start, end))
         cursor = end
     return text, spans
+
+
+def _after_prompt(text: str, cursor: int, history: list[dict[str, str]], tokenizer) -> int:
+    """Where the answer after `history` can start in `text`: past the turn before it and the
+    generation prompt, so that a user turn quoting the answer is never taken for it."""
+    pos = cursor
+    if history and history[-1]["content"]:
+        found = text.find(history[-1]["content"], cursor)
+        if found >= 0:
+            pos = found + len(history[-1]["content"])
+    with_prompt, without = _apply(tokenizer, history, True), _apply(tokenizer, history, False)
+    if with_prompt.startswith(without) and (marker := with_prompt[len(without):].strip()):
+        found = text.find(marker, pos)
+        if found < 0:
+            raise ValueError("the chat template's generation prompt is not where the answer "
+                             "starts; use --template plain")
+        pos = found + len(marker)
+    return pos
 
 
 # ---------------------------------------------------------------- 4. tokens

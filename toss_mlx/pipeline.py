@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from .config import build_config, merge, parse_overrides, read_yaml
 from .io import TossError, read_json, sha256_bytes, sha256_file, write_json, write_text
 from .models.lora import LoraSettings
@@ -90,7 +88,9 @@ class Recipe:
     reference: dict[str, Any] = field(default_factory=dict)  # overrides for the two references
     toss: TossSettings = field(default_factory=TossSettings)
     eval: EvalOptions = field(default_factory=EvalOptions)
-    export: Literal["peft", "mlx", "none"] = "peft"
+    # One format or a list (`export: [peft, gguf]`); the GGUF ones are written from `model`.
+    export: list[Literal["peft", "mlx", "gguf", "gguf-lora", "ollama", "none"]] = field(
+        default_factory=lambda: ["peft"])
 
     def __post_init__(self) -> None:
         if not 0 < self.toss.ratio < 1:
@@ -342,13 +342,16 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
     stages.append(Stage("report", {"scores": scores, "mask": mask, "data": custom,
                                    "eval": run_dir / "eval" / "eval.json", "version": 1}, run_report))
 
-    if recipe.export != "none":
+    formats = [f for f in recipe.export if f != "none"]
+    if formats:
         def run_export(out: Path, resume: bool) -> dict[str, Path]:
             from .export import export_adapter
 
-            export_adapter(final_dir, out / recipe.export, fmt=recipe.export)
-            return {"export": out / recipe.export}
-        stages.append(Stage("export", {"final": final_dir, "format": recipe.export}, run_export))
+            for fmt in formats:
+                export_adapter(final_dir, out / fmt, fmt=fmt, model=recipe.model)
+            return {"export": out / formats[0], **{f"export_{f}": out / f for f in formats[1:]}}
+        stages.append(Stage("export", {"final": final_dir, "format": formats, "model": recipe.model},
+                            run_export))
     return stages
 
 
@@ -379,18 +382,11 @@ def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | 
 
 
 def detector_quality(scores_path: Path, mask_path: Path, data: Path) -> dict[str, Any] | None:
-    """Where removed tokens fall, when the data says which rows are harmful (`source` field).
-
-    precision: share of removed tokens that lie in harmful samples; their share of all
-    response tokens is what a random choice would get. recall: share of the harmful
-    samples' response tokens that were removed. first_token_removed_harmful / _other:
-    share of answer openings (the first response token of each turn) removed, in harmful
-    and in other samples; an aligned model's refusal is decided there, so this says
-    how much of the detector's effect on safety lies in the first token.
-    """
+    """Where removed tokens fall, when the data says which rows are harmful (`source` field):
+    `layout.detector_figures` (precision, recall, answer openings removed) of the harmful rows."""
     from .data import read_rows
     from .io import load_arrays
-    from .select import answer_positions
+    from .layout import detector_figures, removal_by_group
 
     harmful_rows = {r.index for r in read_rows(data) if r.data.get("source") == "harmful"}
     if not harmful_rows:
@@ -398,24 +394,10 @@ def detector_quality(scores_path: Path, mask_path: Path, data: Path) -> dict[str
     scores, _ = load_arrays(scores_path, "scores file")
     mask, _ = load_arrays(mask_path, "mask file")
     response = scores["response_mask"].astype(bool)
-    removed = response & ~mask["keep"].astype(bool)
-    lengths = np.diff(scores["offsets"])
-    in_harmful = np.repeat(np.isin(scores["row_index"], list(harmful_rows)), lengths)
-    opening = answer_positions(scores["offsets"], response) == 0
-    n_removed = int(removed.sum())
-
-    def share(part: np.ndarray, of: np.ndarray) -> float:
-        return float(part.sum() / max(1, of.sum()))
-
-    return {
-        "removed_tokens": n_removed,
-        "precision": share(removed & in_harmful, removed),
-        "harmful_share_of_response_tokens": share(response & in_harmful, response),
-        "recall": share(removed & in_harmful, response & in_harmful),
-        "harmful_samples": len(harmful_rows),
-        "first_token_removed_harmful": share(removed & opening & in_harmful, opening & in_harmful),
-        "first_token_removed_other": share(removed & opening & ~in_harmful, opening & ~in_harmful),
-    }
+    groups = removal_by_group(scores["offsets"], scores["row_index"], response,
+                              response & ~mask["keep"].astype(bool),
+                              dict.fromkeys(harmful_rows, "harmful"), "other")
+    return {**detector_figures(groups, "harmful"), "harmful_samples": len(harmful_rows)}
 
 
 SUMMARY_METRICS = ("refusal_rate", "over_refusal_rate", "nll", "exact_match")

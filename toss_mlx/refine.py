@@ -29,7 +29,8 @@ from typing import Any, Literal
 import numpy as np
 
 from .io import TossError, read_json, write_json, write_text
-from .score import Scores, ScoreSettings, floor_share, load_scores, score
+from .layout import Scores, floor_share, load_scores
+from .score import ScoreSettings, score
 from .train import TrainSettings
 
 
@@ -105,11 +106,15 @@ def _check(s: RefineSettings) -> None:
 
 
 def _score(s: RefineSettings, safety: Path, out: Path) -> Scores:
+    # The utility model is the same in every round: after the first scoring only the
+    # safety side is computed, its loss_utility reused (checked by fingerprint).
+    first = Path(s.out) / "round-1" / "scores.safetensors"
     if not out.exists():
         score(ScoreSettings(model=s.train.model, utility=s.utility, safety=str(safety), data=s.data,
                             out=str(out), template=s.train.template,
                             max_seq_len=s.train.max_seq_len, batch_tokens=s.batch_tokens,
-                            quiet=s.quiet))
+                            quiet=s.quiet,
+                            reuse_utility=str(first) if out != first and first.exists() else None))
     return load_scores(out)
 
 

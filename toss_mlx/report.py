@@ -2,13 +2,9 @@
 
 What goes in, from
 `toss-mlx report (RUN_DIR | --scores S [--mask M] [--data D]) [--eval E.json] --out report.html`:
-- scores.safetensors (from `toss-mlx score`): offsets int64 [N+1], row_index
-  int64 [N], token_ids int32 [T], response_mask uint8 [T], loss_utility,
-  loss_safety, score float32 [T]; metadata with the fingerprints
-  (dataset_sha256, tokenizer_sha256, template, max_seq_len) and `model`.
-- mask.safetensors (from `toss-mlx select`, optional): offsets, row_index,
-  keep uint8 [T]; metadata: the same fingerprints, strategy, level, ratio,
-  removed_tokens.
+- scores.safetensors (from `toss-mlx score`) and, optionally, mask.safetensors
+  (from `toss-mlx select`): the flat layout of README.md ("Files"), read and
+  checked by `toss_mlx.layout`.
 - the data file (optional): checked against the scores' dataset hash; a
   row's `source` / `label` / `category` / `origin` string becomes its tag,
   and the report shows how removal splits across tags (for data mixed from
@@ -29,8 +25,8 @@ scores' `tokenizer_sha256`.
 What comes out, top to bottom: a summary; the token heatmap (the riskiest
 samples by their highest token score, then a seeded random sample of the
 rest) where every response token is coloured by S (red: high = unsafe, blue:
-low), removed tokens are struck through, and hovering a token shows loss_u,
-loss_h and S; the score histogram with the selection threshold; removal rate
+low), removed tokens are struck through, and hovering a token shows its loss_utility
+(loss_u), loss_safety (loss_h) and S; the score histogram with the selection threshold; removal rate
 by position in the response (the paper's diagnosis: removal concentrates on
 the first tokens, but not only there); removal by data tag; the
 safety-utility chart and metrics table of the evaluations. No scripts, no
@@ -50,18 +46,13 @@ from typing import Any
 import numpy as np
 
 from .charts import bars_svg, histogram_svg, lines_svg, scatter_svg
-from .data import check_fingerprint, read_rows
+from .data import read_rows
 from .evaluate import format_metric, metric_rows
-from .io import TossError, load_arrays, read_json, sha256_file, write_text
-from .score import ARRAYS as SCORE_ARRAYS
-from .score import FINGERPRINT_KEYS
-from .score import load_scores as read_scores
-from .select import answer_positions
+from .io import TossError, read_json, sha256_file, write_text
+from .layout import CHART_BUCKETS, FINGERPRINT_KEYS, load_mask, load_scores, removal_by_group
+from .layout import removal_by_position as layout_removal_by_position
 
-MASK_ARRAYS = ("offsets", "row_index", "keep")
 TAG_KEYS = ("source", "label", "category", "origin")
-POSITION_BUCKETS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 10), (11, 20), (21, 50),
-                    (51, 100), (101, 200), (201, None))
 MAX_TOKENS_SHOWN = 512  # response tokens drawn per sample; the rest is summarized
 CONTEXT_HEAD, CONTEXT_TAIL = 80, 240  # characters of prompt context shown around "..."
 
@@ -123,39 +114,17 @@ def _meta(meta: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _check_layout(path: Path, arrays: dict[str, np.ndarray], names: tuple[str, ...], what: str) -> None:
-    missing = [k for k in names if k not in arrays]
-    if missing:
-        raise TossError(f"{path}: not a {what}: missing arrays {', '.join(missing)}")
-    offsets = arrays["offsets"]
-    total = len(next(arrays[k] for k in names if k not in ("offsets", "row_index")))
-    if (offsets.ndim != 1 or len(offsets) != len(arrays["row_index"]) + 1 or offsets[0] != 0
-            or offsets[-1] != total or np.any(np.diff(offsets) < 0)):
-        raise TossError(f"{path}: corrupt {what}: offsets do not partition its {total} tokens")
-    for k in names:
-        if k not in ("offsets", "row_index") and len(arrays[k]) != total:
-            raise TossError(f"{path}: corrupt {what}: '{k}' has {len(arrays[k])} entries, expected {total}")
-
-
-def load_scores(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """A scores file (checked by `score.load_scores`) as arrays plus decoded metadata."""
-    scores = read_scores(path)
-    return {k: getattr(scores, k) for k in SCORE_ARRAYS}, _meta(scores.meta)
-
-
-def load_mask(path: str | os.PathLike, scores: dict[str, np.ndarray], scores_meta: dict[str, Any]
-              ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The keep array of a mask made from these scores (same samples, same fingerprints)."""
-    path = Path(path)
-    arrays, meta = load_arrays(path, "mask file")
-    _check_layout(path, arrays, MASK_ARRAYS, "mask file")
-    meta = _meta(meta)
-    if all(k in scores_meta for k in FINGERPRINT_KEYS):
-        check_fingerprint(scores_meta, meta, f"{path}")
-    if not (np.array_equal(arrays["offsets"], scores["offsets"])
-            and np.array_equal(arrays["row_index"], scores["row_index"])):
-        raise TossError(f"{path}: the mask covers other samples than the scores file")
-    return arrays["keep"].astype(bool), meta
+def read_scores_and_mask(inputs: ReportInputs
+                         ) -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray | None, dict[str, Any] | None]:
+    """The scores' arrays and decoded metadata; the mask's keep array and metadata (or None)."""
+    scores = load_scores(inputs.scores)
+    keep = mask_meta = None
+    if inputs.mask is not None:
+        fingerprint = scores.meta if all(k in scores.meta for k in FINGERPRINT_KEYS) else None
+        mask = load_mask(inputs.mask, scores.offsets, scores.row_index, fingerprint,
+                         f"the scores file {inputs.scores}")
+        keep, mask_meta = mask.keep, _meta(mask.meta)
+    return scores.arrays(), _meta(scores.meta), keep, mask_meta
 
 
 def load_report_tokenizer(spec: str, scores_meta: dict[str, Any]):
@@ -208,32 +177,12 @@ def token_pieces(tokenizer, ids: list[int] | np.ndarray, window: int = 6) -> lis
     return pieces
 
 
-def response_positions(response_mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """1-based position of each response token within its answer (a run of response tokens); 0 elsewhere."""
-    resp = response_mask.astype(bool)
-    total = len(resp)
-    idx = np.arange(total)
-    starts = resp.copy()
-    starts[1:] &= ~resp[:-1]
-    firsts = offsets[:-1][offsets[:-1] < total]
-    starts[firsts] = resp[firsts]  # an answer never continues across samples
-    last_start = np.maximum.accumulate(np.where(starts, idx, 0))
-    return np.where(resp, idx - last_start + 1, 0)
-
-
 def removal_by_position(response_mask: np.ndarray, keep: np.ndarray, offsets: np.ndarray
                         ) -> list[tuple[str, int, int]]:
-    """(bucket label, removed, total) per response-position bucket that has tokens."""
-    pos = response_positions(response_mask, offsets)
+    """(bucket label, removed, total) per chart bucket (`layout.CHART_BUCKETS`) that has tokens."""
     removed = response_mask.astype(bool) & ~keep
-    out = []
-    for lo, hi in POSITION_BUCKETS:
-        sel = (pos >= lo) & ((pos <= hi) if hi else True) & (pos > 0)
-        total = int(sel.sum())
-        if total:
-            label = str(lo) if hi == lo else (f"{lo}-{hi}" if hi else f"{lo}+")
-            out.append((label, int((removed & sel).sum()), total))
-    return out
+    return [b for b in layout_removal_by_position(offsets, response_mask, removed, CHART_BUCKETS)
+            if b[2]]
 
 
 def score_histogram(scores: np.ndarray, removed: np.ndarray, threshold: float | None,
@@ -366,24 +315,16 @@ def _cards(items: list[tuple[str, str]]) -> str:
 
 
 def _tag_table(tags: dict[int, str], scores: dict[str, np.ndarray], removed: np.ndarray) -> str:
-    offsets, resp = scores["offsets"], scores["response_mask"].astype(bool)
-    opening = answer_positions(offsets, resp) == 0
-    per: dict[str, list[int]] = {}
-    for i, row in enumerate(scores["row_index"]):
-        a, b = offsets[i], offsets[i + 1]
-        entry = per.setdefault(tags.get(int(row), "(no tag)"), [0, 0, 0, 0, 0])
-        entry[0] += 1
-        entry[1] += int(resp[a:b].sum())
-        entry[2] += int(removed[a:b].sum())
-        entry[3] += int(opening[a:b].sum())
-        entry[4] += int((opening & removed)[a:b].sum())
-    total_removed = max(int(removed.sum()), 1)
-    total_tokens = max(int(resp.sum()), 1)
+    per = removal_by_group(scores["offsets"], scores["row_index"], scores["response_mask"], removed,
+                           tags, "(no tag)")
+    total_removed = max(sum(g.removed for g in per.values()), 1)
+    total_tokens = max(sum(g.tokens for g in per.values()), 1)
     rows = "".join(
-        f"<tr><td>{escape(tag)}</td><td>{n}</td><td>{t}</td><td>{100 * t / total_tokens:.1f}%</td>"
-        f"<td>{r}</td><td>{100 * r / max(t, 1):.1f}%</td><td>{100 * r / total_removed:.1f}%</td>"
-        f"<td>{o_r} of {o} ({100 * o_r / max(o, 1):.0f}%)</td></tr>"
-        for tag, (n, t, r, o, o_r) in sorted(per.items()))
+        f"<tr><td>{escape(tag)}</td><td>{g.samples}</td><td>{g.tokens}</td>"
+        f"<td>{100 * g.tokens / total_tokens:.1f}%</td><td>{g.removed}</td>"
+        f"<td>{100 * g.removed / max(g.tokens, 1):.1f}%</td><td>{100 * g.removed / total_removed:.1f}%</td>"
+        f"<td>{g.openings_removed} of {g.openings} ({100 * g.openings_removed / max(g.openings, 1):.0f}%)</td></tr>"
+        for tag, g in sorted(per.items()))
     return ("<table><tr><th>tag</th><th>samples</th><th>response tokens</th><th>share of tokens</th>"
             "<th>removed</th><th>removal rate (recall)</th><th>share of removed (precision)</th>"
             "<th>first answer token removed</th></tr>" + rows + "</table>")
@@ -536,9 +477,7 @@ def build_report(inputs: ReportInputs, out: str | os.PathLike, top: int = 20, ra
     if inputs.scores is None and (inputs.mask is not None or inputs.data is not None):
         raise TossError("--mask and --data need the --scores they belong to")
     if inputs.scores is not None:
-        scores, meta = load_scores(inputs.scores)
-        if inputs.mask is not None:
-            keep, mask_meta = load_mask(inputs.mask, scores, meta)
+        scores, meta, keep, mask_meta = read_scores_and_mask(inputs)
     evals = []
     for path in inputs.evals:
         e = read_json(path)

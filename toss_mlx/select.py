@@ -5,10 +5,10 @@
 in it). Removed tokens stay in the input as context. Strategies:
 
 - `toss` (the paper): remove the floor(ratio x scored tokens) tokens with the
-  highest score S = loss_u - loss_h. `global` ranks over the whole data set
+  highest score S = loss_utility - loss_safety. `global` ranks over the whole data set
   (the paper's setting), `sample` removes the same share within each sample.
-- `safety-only` / `utility-only` (the paper's ablations): rank by -loss_h
-  alone / by loss_u alone, same counts.
+- `safety-only` / `utility-only` (the paper's ablations): rank by -loss_safety
+  alone / by loss_utility alone, same counts.
 - `random`: the same number of response tokens, uniformly at random (seeded).
 - `first-k`: the first k response tokens of every assistant turn, the
   fixed-position masking of the paper's diagnosis (`ratio` does not apply).
@@ -18,10 +18,10 @@ in it). Removed tokens stay in the input as context. Strategies:
 Ties are broken deterministically: the earlier token (or sample) goes first.
 Counts are exact: floor(ratio x n) in decimal arithmetic (see `floor_share`).
 
-Output file (`mask.safetensors`): `offsets` int64 [N+1], `row_index` int64 [N],
-`keep` uint8 [T], with the scores' metadata (data fingerprint, model, adapter
-hashes) plus strategy, level, ratio, removed_tokens, samples_fully_removed,
-samples_touched, scored_tokens (and k or seed where they apply).
+Output file: `mask.safetensors` (README.md, "Files"; read back by
+`toss_mlx.layout.load_mask`), with the scores' metadata plus strategy, level, ratio,
+removed_tokens, samples_fully_removed, samples_touched, scored_tokens (and k or seed
+where they apply).
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ from typing import Any
 import numpy as np
 
 from .io import TossError, save_arrays, sha256_file
-from .score import Scores, floor_share, load_scores
+from .layout import Scores, answer_positions, floor_share, load_scores, removal_by_position
 
 STRATEGIES = ("toss", "random", "first-k", "sample-filter", "safety-only", "utility-only")
 LEVELS = ("global", "sample")
-BUCKETS = (("first 5", 0, 5), ("6-20", 5, 20), ("rest", 20, None))  # position in the answer, 0-based
 
 
 @dataclass
@@ -66,25 +65,6 @@ class Selection:
         if self.seed is not None:
             meta["seed"] = str(self.seed)
         return meta
-
-
-# ---------------------------------------------------------------- positions
-
-
-def answer_positions(offsets: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
-    """int64 [T]: each response token's 0-based position in its assistant turn (-1 elsewhere).
-
-    A turn is a run of consecutive response tokens within one sample.
-    """
-    scored = response_mask.astype(bool)
-    T = len(scored)
-    idx = np.arange(T)
-    sample_start = np.zeros(T, bool)
-    sample_start[offsets[:-1][offsets[:-1] < T]] = True
-    prev = np.concatenate([[False], scored[:-1]])
-    starts = scored & (~prev | sample_start)
-    run_start = np.maximum.accumulate(np.where(starts, idx, 0))
-    return np.where(scored, idx - run_start, -1)
 
 
 # ---------------------------------------------------------------- selection
@@ -174,11 +154,8 @@ def selection_stats(scores: Scores, removed: np.ndarray) -> dict[str, Any]:
     per_sample = np.bincount(sample[scored], minlength=scores.samples)
     removed_per_sample = np.bincount(sample[removed], minlength=scores.samples)
     n_removed = int(removed.sum())
-    pos = answer_positions(scores.offsets, scores.response_mask)
     buckets = {}
-    for name, lo, hi in BUCKETS:
-        inside = scored & (pos >= lo) & ((pos < hi) if hi is not None else True)
-        tokens, gone = int(inside.sum()), int((inside & removed).sum())
+    for name, gone, tokens in removal_by_position(scores.offsets, scores.response_mask, removed):
         buckets[name] = {"tokens": tokens, "removed": gone,
                          "rate": gone / tokens if tokens else 0.0,
                          "share_of_removed": gone / n_removed if n_removed else 0.0}

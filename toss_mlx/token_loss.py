@@ -30,11 +30,16 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .io import TossError
 
 PATHS = ("cpu-fast", "body", "full")
 HEAD_CHUNK_BYTES = 256 << 20  # logits per chunk of rows: bounded memory for any vocabulary
@@ -261,38 +266,206 @@ def padding_changes_positions(model: nn.Module, short: int, long: int) -> bool:
     return not mx.allclose(rope(probe)[:, :, :short], rope(probe[:, :, :short]), atol=1e-6).item()
 
 
-def available_paths(model: nn.Module) -> list[str]:
-    """Paths worth trying for this model and device, fastest first."""
-    paths = []
+def available_paths(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(paths worth trying for this model and device, fastest first; why others were left out)."""
+    paths, skipped = [], []
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    if (on_cpu and sys.platform.startswith("linux") and os.environ.get("TOSS_MLX_CPU_FAST", "1") != "0"
-            and llama_like(model) and head(model) is not None):
+    has_head = head(model) is not None
+    if not on_cpu:
+        skipped.append("cpu-fast: not on a CPU")
+    elif not sys.platform.startswith("linux"):
+        skipped.append("cpu-fast: only on Linux")
+    elif os.environ.get("TOSS_MLX_CPU_FAST", "1") == "0":
+        skipped.append("cpu-fast: TOSS_MLX_CPU_FAST=0")
+    elif not llama_like(model):
+        skipped.append("cpu-fast: not llama-style blocks")
+    elif not has_head:
+        skipped.append("cpu-fast: no known vocabulary projection")
+    else:
         paths.append("cpu-fast")
-    if head(model) is not None and callable(getattr(model, "model", None)):
+    if has_head and callable(getattr(model, "model", None)):
         paths.append("body")
+    else:
+        skipped.append("body: no body + projection to call")
     paths.append("full")
-    return paths
+    return paths, skipped
 
 
-def pick_path(model: nn.Module, tokens: np.ndarray) -> str:
-    """The fastest path whose logits match model(tokens) on this model (one short input)."""
-    x = mx.array(np.asarray(tokens[:32], np.int32)[None])
+PROBE_LENGTH = ATTN_BLOCK + 8  # the probe spans two query blocks of the causal attention
+
+
+def probe_batch(samples: Sequence[np.ndarray]) -> np.ndarray:
+    """int32 [2, PROBE_LENGTH]: two rows of real tokens, the second shorter and right-padded.
+
+    Rows are the given samples repeated up to their length, so that even short data
+    exercises more than one attention block and a padded row, as real batches do.
+    """
+    rows = [np.asarray(t, np.int32) for t in samples if len(t)] or [np.zeros(1, np.int32)]
+    first, second = rows[0], rows[1 % len(rows)]
+    out = np.zeros((2, PROBE_LENGTH), np.int32)
+    out[0] = np.resize(first, PROBE_LENGTH)
+    short = (2 * PROBE_LENGTH) // 3
+    out[1, :short] = np.resize(second[::-1], short)
+    return out
+
+
+def pick_path(model: nn.Module, samples: np.ndarray | Sequence[np.ndarray]) -> tuple[str, str]:
+    """(the fastest path whose logits match the model's own on a probe batch, why).
+
+    `samples`: one token array or a few; the probe is `probe_batch` of them (two rows,
+    one right-padded, two attention blocks long). A path is taken when its logits are
+    within a float32 (1e-4) or bfloat16 (3e-2) relative bound of `model(probe)`.
+    """
+    # The choice depends on the architecture, the parameters' dtype and the device, not on
+    # the adapter applied or the tokens: made once per model object and device.
+    key = (id(model), str(mx.default_device()), str(_param_dtype(model)),
+           os.environ.get("TOSS_MLX_CPU_FAST", "1"))
+    cached = _CHOICES.get(key)
+    if cached is not None and cached[0]() is model:
+        return cached[1]
+    if isinstance(samples, np.ndarray) and samples.ndim == 1:
+        samples = [samples]
+    choice = _probe(model, list(samples))
+    _CHOICES[key] = (weakref.ref(model), choice)
+    return choice
+
+
+_CHOICES: dict[tuple, tuple[weakref.ref, tuple[str, str]]] = {}
+
+
+def _probe(model: nn.Module, samples: list[np.ndarray]) -> tuple[str, str]:
+    x = mx.array(probe_batch(samples))
     ref = model(x).astype(mx.float32)
-    tol = 1e-4 if ref.dtype == mx.float32 and _param_dtype(model) == mx.float32 else 3e-2
+    tol = 1e-4 if _param_dtype(model) == mx.float32 else 3e-2
     bound = tol * (1.0 + mx.abs(ref).max().item())
-    for path in available_paths(model):
+    paths, notes = available_paths(model)
+    for path in paths:
         if path == "full":
-            return path
+            return path, "; ".join(notes + ["full: the model's own logits, one sample at a time"])
         logits = head(model)(hidden_states(model, x, path)).astype(mx.float32)
-        if logits.shape == ref.shape and mx.abs(logits - ref).max().item() <= bound:
-            return path
-    return "full"
+        if logits.shape != ref.shape:
+            notes.append(f"{path}: logits of shape {logits.shape}, the model's {ref.shape}")
+            continue
+        diff = mx.abs(logits - ref).max().item()
+        if diff <= bound:
+            return path, "; ".join(notes + [f"{path}: matches the model's logits on a padded "
+                                            f"probe of 2 x {x.shape[1]} tokens (max difference "
+                                            f"{diff:.2g}, bound {bound:.2g})"])
+        notes.append(f"{path}: differs from the model's logits by {diff:.2g} (bound {bound:.2g})")
+    return "full", "; ".join(notes)
 
 
 def _param_dtype(model: nn.Module) -> mx.Dtype:
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     w = getattr(emb, "weight", None)
     return w.dtype if w is not None else mx.float32
+
+
+# ---------------------------------------------------------------- batches of chosen positions
+
+
+@dataclass
+class Batch:
+    index: int
+    samples: np.ndarray  # sample ids, longest first
+    length: int  # padded input length
+
+
+def scored_mask(flat: dict[str, np.ndarray]) -> np.ndarray:
+    """bool [T]: response tokens that can be scored (not the first token of a sample)."""
+    mask = flat["response_mask"].astype(bool).copy()
+    starts = flat["offsets"][:-1]
+    mask[starts[starts < len(mask)]] = False
+    return mask
+
+
+def input_lengths(flat: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """int64 [N]: tokens each sample must feed the model (up to its last scored token, exclusive)."""
+    offsets = flat["offsets"]
+    n = len(offsets) - 1
+    lengths = np.zeros(n, np.int64)
+    pos = np.nonzero(mask)[0]
+    if len(pos):
+        sample = np.searchsorted(offsets, pos, side="right") - 1
+        np.maximum.at(lengths, sample, pos - offsets[sample])
+    return lengths
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int, same_length: bool = False) -> list[Batch]:
+    """Pack samples (longest first) into batches of at most `batch_tokens` padded tokens.
+
+    Deterministic for given lengths and budget, so a resumed run plans the
+    same batches. Samples with nothing to score (length 0) are left out; a
+    sample longer than the budget gets a batch of its own. `same_length`:
+    no padding at all, for models whose positions depend on the length.
+    """
+    if batch_tokens < 1:
+        raise TossError(f"batch_tokens must be at least 1, got {batch_tokens}")
+    order = [int(i) for i in np.lexsort((np.arange(len(lengths)), -lengths)) if lengths[i] > 0]
+    batches: list[Batch] = []
+    k = 0
+    while k < len(order):
+        longest = int(lengths[order[k]])
+        size = max(1, min(len(order) - k, batch_tokens // longest))
+        if same_length:
+            size = max(1, int(np.sum(lengths[order[k:k + size]] == longest)))
+        batches.append(Batch(len(batches), np.array(order[k:k + size], np.int64), longest))
+        k += size
+    return batches
+
+
+def batch_arrays(flat: dict[str, np.ndarray], mask: np.ndarray, batch: Batch
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs [B, L] int32, rows [R], targets [R] int32, token positions [R] in the flat layout)."""
+    offsets, tokens = flat["offsets"], flat["token_ids"]
+    L = batch.length
+    inputs = np.zeros((len(batch.samples), L), np.int32)
+    rows, positions = [], []
+    for b, s in enumerate(batch.samples):
+        start, stop = int(offsets[s]), int(offsets[s + 1])
+        n = min(L, stop - start)
+        inputs[b, :n] = tokens[start:start + n]
+        j = np.nonzero(mask[start:stop])[0]  # j >= 1, j <= L
+        rows.append(b * L + j - 1)
+        positions.append(start + j)
+    positions = np.concatenate(positions).astype(np.int64)
+    return inputs, np.concatenate(rows).astype(np.int64), tokens[positions].astype(np.int32), positions
+
+
+def plan_for(model: nn.Module, flat: dict[str, np.ndarray], mask: np.ndarray,
+             batch_tokens: int) -> list[Batch]:
+    """`plan_batches` of a flat layout's samples, cut after their last chosen position.
+
+    For models whose positions depend on the length (dynamic-NTK RoPE) samples are
+    whole and never padded: only samples of equal length share a batch.
+    """
+    lengths = input_lengths(flat, mask)
+    full = np.where(lengths > 0, np.diff(flat["offsets"]), 0)
+    same_length = bool(lengths.any()) and padding_changes_positions(
+        model, int(lengths[lengths > 0].min()), int(full.max()))
+    return plan_batches(full if same_length else lengths, batch_tokens, same_length)
+
+
+def flat_losses(model: nn.Module, flat: dict[str, np.ndarray], mask: np.ndarray,
+                batch_tokens: int, path: str | None = None) -> np.ndarray:
+    """float32 [T]: the cross-entropy of every token where `mask` is set (0 elsewhere).
+
+    `flat` holds `offsets` and `token_ids`; token j of a sample is predicted from the
+    tokens before it, so a sample's first token must not be in `mask`. Batches are
+    planned by `plan_for`; `path` (default: `pick_path`'s choice) as in `response_losses`.
+    """
+    out = np.zeros(len(flat["token_ids"]), np.float32)
+    batches = plan_for(model, flat, mask, batch_tokens)
+    if not batches:
+        return out
+    if path is None:
+        first = batches[0].samples[:2]
+        path, _ = pick_path(model, [flat["token_ids"][flat["offsets"][i]:flat["offsets"][i + 1]]
+                                    for i in first])
+    for b in batches:
+        inputs, rows, targets, positions = batch_arrays(flat, mask, b)
+        out[positions] = response_losses(model, inputs, rows, targets, path)
+    return out
 
 
 # ---------------------------------------------------------------- losses

@@ -47,18 +47,20 @@ from .batches import (
     BatchPlan,
     KeepDataset,
     iterate_batches,
-    load_mask,
+    keep_of_mask,
     masked_eval_loss,
     masked_loss,
     steps_per_epoch,
+    use_kept_head,
 )
 from .config import build_config, read_yaml
 from .data import tokenize_dataset
 from .io import TossError, read_json, sha256_file, write_json, write_text
 from .models.load import load_model
 from .models.lora import LoraSettings, adapter_weights, add_lora, save_adapter, save_mx_arrays
+from .progress import Progress
 
-__all__ = ["TrainSettings", "TrainResult", "train", "load_settings", "load_mask"]
+__all__ = ["TrainSettings", "TrainResult", "train", "load_settings", "keep_of_mask"]
 
 STATE_FILE = "trainer_state.safetensors"
 # Settings that change what a run computes; --resume refuses a run started with others.
@@ -348,56 +350,7 @@ def make_optimizer(s: TrainSettings, total_updates: int) -> optim.Optimizer:
     return optim.Adam(learning_rate=lr)
 
 
-# ---------------------------------------------------------------- progress
-
-
-class _Progress:
-    """Our live bar: epoch/step, loss, kept-token share, tokens/s, peak memory, ETA."""
-
-    def __init__(self, total: int, start: int, epochs: int, enabled: bool):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.console = Console(stderr=True)
-        self.enabled = enabled
-        self.bar = Progress(
-            TextColumn(f"epoch {{task.fields[epoch]}}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("kept {task.fields[kept]}"),
-            TextColumn("{task.fields[speed]} tok/s"),
-            TextColumn("peak {task.fields[memory]}"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not enabled,
-        )
-        self.task = self.bar.add_task("train", total=total, completed=start, epoch=1, loss="-",
-                                      kept="-", speed="-", memory="-")
-
-    def update(self, step: int, epoch: int, loss: float, kept: float | None, speed: float,
-               memory_gb: float, val_loss: float | None) -> None:
-        if not self.enabled:
-            return
-        self.bar.update(self.task, completed=step, epoch=epoch, loss=f"{loss:.3f}",
-                        kept="-" if kept is None else f"{kept:.1%}", speed=f"{speed:,.0f}",
-                        memory=f"{memory_gb:.2f} GB")
-        if val_loss is not None:
-            self.bar.console.print(f"step {step}: val loss {val_loss:.3f}")
-
-    def __enter__(self) -> _Progress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
+# ---------------------------------------------------------------- mlx-lm's own UI
 
 
 @contextlib.contextmanager
@@ -421,7 +374,7 @@ def _mlx_lm_ui_to_devnull() -> Iterator[None]:
 # ---------------------------------------------------------------- the loop
 
 
-class _Loop:
+class _TrainingCallback:
     """mlx-lm's training_callback: runs after each step (log, progress, validation, checkpoints)."""
 
     def __init__(self, s: TrainSettings, model, optimizer, train_set: KeepDataset,
@@ -443,8 +396,10 @@ class _Loop:
         self.step = start
         self.t0 = time.perf_counter()
         self.log = None
-        self.progress = _Progress(total, start, math.ceil(total / self.per_epoch),
-                                  enabled=not s.quiet and self.rank == 0)
+        self.epochs = math.ceil(total / self.per_epoch)
+        self.progress = Progress(enabled=not s.quiet and self.rank == 0)
+        self.bar = self.progress.task(f"epoch 1/{self.epochs}", total=total, completed=start,
+                                      step=f"{start}/{total}", loss="-", kept="-")
 
     def reseed(self, step: int) -> None:
         # Dropout randomness is a function of (seed, step), so a resumed run draws the same.
@@ -489,10 +444,12 @@ class _Loop:
             if step % s.grad_accum == 0 and (step % self.save_every == 0 or step == self.total):
                 _save_checkpoint(self.out, step, self.model, self.optimizer, self.config,
                                  (self.best_val, self.best_step), s.keep_checkpoints)
-        elapsed = time.perf_counter() - self.t0
-        self.progress.update(step, record["epoch"], info["train_loss"],
-                             self.kept_tokens / self.response_tokens if self.response_tokens else None,
-                             self.tokens / elapsed, info["peak_memory"], record.get("val_loss"))
+        kept_share = self.kept_tokens / self.response_tokens if self.response_tokens else None
+        self.bar.update(step, tokens=tokens, description=f"epoch {record['epoch']}/{self.epochs}",
+                        step=f"{step}/{self.total}", loss=f"{info['train_loss']:.3f}",
+                        kept="-" if kept_share is None else f"{kept_share:.1%}")
+        if "val_loss" in record:
+            self.progress.log(f"step {step}: val loss {record['val_loss']:.3f}")
         if self.on_step is not None:
             self.on_step(record)
 
@@ -531,7 +488,7 @@ class _Loop:
             stack.enter_context(self.progress)
             self.reseed(self.start)
             mx.reset_peak_memory()
-            self.t0 = time.perf_counter()
+            self.t0 = self.bar.start = time.perf_counter()  # tok/s counts from the first step
             mlx_lm_train(
                 model=self.model, optimizer=self.optimizer, train_dataset=self.train_set,
                 val_dataset=None, args=args, loss=partial(masked_loss, norm=s.loss_norm),
@@ -568,7 +525,7 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     model, tokenizer = load_model(s.model, dtype=s.dtype, quiet=s.quiet or rank > 0)
     data = tokenize_dataset(s.data, tokenizer, s.template, s.max_seq_len, s.format, s.skip_bad_rows)
     say(data.summary())
-    train_set = KeepDataset.build(data, load_mask(s.mask, data) if s.mask else None)
+    train_set = KeepDataset.build(data, keep_of_mask(s.mask, data) if s.mask else None)
     valid_set = valid = None
     if s.valid:
         valid = tokenize_dataset(s.valid, tokenizer, s.template, s.max_seq_len, s.format,
@@ -598,7 +555,8 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
         + (f" x {world} processes" if world > 1 else "")
         + f", {per_epoch} steps/epoch, {total} steps, kept {kept_share:.1%} of response tokens")
 
-    loop = _Loop(s, model, optimizer, train_set, valid_set, out, config, start, total, best, on_step)
+    use_kept_head(model, train_set.tokens[0])  # project only kept targets, if the head allows
+    loop = _TrainingCallback(s, model, optimizer, train_set, valid_set, out, config, start, total, best, on_step)
     seconds = loop.run() if start < total else 0.0
     if rank == 0:
         save_adapter(model, out, config)

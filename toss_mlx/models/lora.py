@@ -8,7 +8,10 @@ alpha / rank); mlx-lm stores the resulting `scale`.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..cache import adapter_fingerprint, is_adapter_folder
 from ..io import TossError, atomic_path, write_json
 
 
@@ -111,3 +115,127 @@ def strip_adapters(model: nn.Module) -> None:
                 base.append((name, inner))
     if base:
         model.update_modules(tree_unflatten(base))
+
+
+class AdapterSet:
+    """One base model, several adapter folders applied in place one at a time: never two bases.
+
+    `use(i)` puts adapter i on the model (`None` in `folders` is the bare base);
+    `applied(i)` does so for a `with` block and leaves the bare base after it;
+    `close()` leaves the bare base. When consecutive adapters share their LoRA
+    structure (type, layers, rank, target modules, weight shapes), only the small
+    LoRA weights and the scale are swapped; otherwise the layers are removed and
+    the next adapter's added. Every parameter an adapter's config creates must come
+    from its file (mlx-lm loads adapters non-strictly, so a missing one would stay
+    random): `check()` applies each adapter once, so a mismatch fails in seconds.
+    A "full" fine-tune checkpoint (whole weights) is undone by restoring the base's
+    parameters, which mlx arrays make cheap (the references are kept, not copies).
+    """
+
+    def __init__(self, model: nn.Module, folders: Sequence[str | os.PathLike | None]):
+        self.model = model
+        self.folders = [Path(f) if f is not None else None for f in folders]
+        self.configs: list[dict[str, Any] | None] = []
+        self.weights: list[dict[str, mx.array] | None] = []
+        for p in self.folders:
+            if p is None:
+                self.configs.append(None)
+                self.weights.append(None)
+                continue
+            if not is_adapter_folder(p):
+                raise TossError(f"{p}: not an adapter folder (needs adapter_config.json and "
+                                "adapters.safetensors)")
+            try:
+                self.configs.append(json.loads((p / "adapter_config.json").read_text()))
+                self.weights.append(mx.load(str(p / "adapters.safetensors")))
+            except (json.JSONDecodeError, OSError, RuntimeError, ValueError) as e:
+                raise TossError(f"{p}: unreadable adapter ({e})") from None
+        strip_adapters(model)
+        self._base = tree_flatten(model.parameters())  # references: mlx arrays are immutable
+        self.current: int | None = None
+
+    def fingerprint(self, i: int) -> str | None:
+        """`toss_mlx.cache.adapter_fingerprint` of adapter i (None for the bare base)."""
+        folder = self.folders[i]
+        return adapter_fingerprint(folder) if folder is not None else None
+
+    def _kind(self, i: int) -> str | None:
+        config = self.configs[i]
+        return None if config is None else config.get("fine_tune_type", "lora")
+
+    def _structure(self, i: int) -> str | None:
+        if self._kind(i) not in ("lora", "dora"):
+            return None
+        params = dict(self.configs[i].get("lora_parameters", {}))
+        params.pop("scale", None)
+        params.pop("dropout", None)
+        shapes = sorted((k, tuple(v.shape)) for k, v in self.weights[i].items())
+        return json.dumps([self._kind(i), self.configs[i].get("num_layers"), params, shapes],
+                          sort_keys=True, default=str)
+
+    def _bare(self) -> None:
+        strip_adapters(self.model)
+        self.model.update(tree_unflatten(self._base))  # also undoes "full" fine-tune weights
+        self.model.eval()
+
+    def use(self, i: int) -> nn.Module:
+        """Adapter i on the model, in place; returns the model."""
+        if self.current == i:
+            return self.model
+        from .load import apply_adapter
+
+        shared = self.current is not None and self._structure(i) is not None \
+            and self._structure(i) == self._structure(self.current)
+        if shared:
+            self.model.load_weights(list(self.weights[i].items()), strict=False)
+            scale = self.configs[i].get("lora_parameters", {}).get("scale")
+            if scale is not None:
+                for _, module in self.model.named_modules():
+                    if "lora_a" in module and hasattr(module, "scale"):
+                        module.scale = scale
+        else:
+            self._bare()
+            self.current = None
+            if self.folders[i] is not None:
+                apply_adapter(self.model, self.folders[i])
+                self._check_complete(i)
+        self.model.eval()
+        self.current = i
+        return self.model
+
+    def _check_complete(self, i: int) -> None:
+        if self._kind(i) == "full":
+            return
+        expected = {name for name, _ in tree_flatten(self.model.parameters())
+                    if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")}
+        missing = sorted(expected - set(self.weights[i]))
+        if missing:
+            raise TossError(f"{self.folders[i]}: adapter does not match the base model: its config "
+                            f"adds {len(expected)} adapter weights, but the file lacks "
+                            f"{len(missing)} (e.g. {missing[0]})")
+
+    @contextmanager
+    def applied(self, i: int) -> Iterator[nn.Module]:
+        """Adapter i on the model for the block; the bare base after it, even on errors."""
+        try:
+            yield self.use(i)
+        finally:
+            self.close()
+
+    def check(self) -> None:
+        """Apply and remove every adapter once, so that a mismatch fails before any real work."""
+        for i in range(len(self.folders)):
+            with self.applied(i):
+                pass
+
+    def close(self) -> None:
+        """Leave the bare base model."""
+        self._bare()
+        self.current = None
+
+
+@contextmanager
+def adapter_applied(model: nn.Module, folder: str | os.PathLike | None) -> Iterator[nn.Module]:
+    """One adapter folder on `model` in place for the block (None: the bare base), then the base."""
+    with AdapterSet(model, [folder]).applied(0) as m:
+        yield m
