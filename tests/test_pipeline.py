@@ -114,3 +114,18 @@ def test_run_end_to_end_then_only_changed_stages_rerun(recipe_dir):
     run(recipe_dir / "recipe.yaml", ["toss.ratio=0.3"], out=out, say=logs.append)
     rerun = [line.split("]")[0][1:] for line in logs if "running" in line]
     assert rerun == ["select", "final", "eval", "report", "export"]
+
+
+def test_summary_line_has_prefill_recovery_and_the_nll_gap_past_token_5():
+    from pathlib import Path
+
+    from toss_mlx.evaluate import rate
+
+    metrics = {"refusal_rate": rate(3, 4), "prefill_recovery@10": rate(1, 8),
+               "answer_nll_gap@6+": {"value": -0.25, "n": 8, "tokens": 400}}
+    text = summary_text({"recipe": "r", "run_dir": "d", "eval": [{"name": "toss", "metrics": metrics}]})
+    assert "toss: refusal_rate 0.750 (n=4), prefill recovery K=10 0.125 (n=8), " \
+           "NLL gap past token 5 -0.250 (n=8)" in text
+    recipe, _ = load_recipe(Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
+    assert recipe.data.eval_prefill == "eval_prefill.jsonl"
+    assert set(recipe.data.eval_harmful_sets) == {"donotanswer", "past_tense", "future_tense"}

@@ -72,3 +72,58 @@ def test_reproduce_splits_are_disjoint(tmp_path):
     assert all(match_refusal(text).start for text in prepare.REFUSALS)
     harmbench = {key(p) for p in prepare.harmbench_prompts()}
     assert prompts["align_refusals"] == harmbench and prompts["harmful_ref"] <= harmbench
+
+
+DEEP_FILES = ("eval_prefill", "eval_donotanswer", "eval_past_tense", "eval_future_tense")
+
+
+def _rows(folder):
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted(folder.glob("*.jsonl"))}
+
+
+@needs
+def test_other_harmful_sets_have_the_documented_sizes():
+    assert len(prepare.donotanswer_prompts()) == 939
+    assert len(prepare.tense_prompts("past")) == 730
+    assert len(prepare.tense_prompts("future")) == 690
+
+
+@needs
+@pytest.mark.parametrize("builder, sizes", [
+    ("build_quickstart", dict(n_task=20, n_harmful_custom=5, n_harmful_ref=7, n_utility_ref=10,
+                              n_eval_harmful=30, n_eval_edgy=5, n_eval_task=5)),
+    ("build_reproduce", dict(n_task_custom=16, n_harmful_custom=4, n_harmful_ref=6, n_utility_ref=5,
+                             n_align_task=5, n_align_edgy=10, n_safe_demos=3, n_eval_harmful=50,
+                             n_eval_edgy=10, n_eval_task=5)),
+])
+def test_held_out_pairs_and_other_harmful_sets_share_no_prompt_with_any_other_file(tmp_path, builder,
+                                                                                    sizes):
+    build = getattr(prepare, builder)
+    summary = build(tmp_path / "a", n_eval_prefill=40, n_eval_other=25, **sizes)
+    rows = _rows(tmp_path / "a")
+    assert set(DEEP_FILES) <= set(rows)
+    assert summary["eval_prefill"] == len(rows["eval_prefill"]) == 40
+    assert all(len(rows[n]) == 25 for n in DEEP_FILES[1:])
+    key = prepare.normalize_prompt
+    prompts = {n: {key(r["prompt"]) for r in rs} for n, rs in rows.items()}
+    for new in DEEP_FILES:
+        assert len(prompts[new]) == len(rows[new])  # no prompt twice within a file
+        for other, theirs in prompts.items():
+            if other != new:
+                assert not prompts[new] & theirs, (new, other)
+    if builder == "build_reproduce":  # HarmBench is the alignment set: none of its prompts
+        assert not prompts["eval_prefill"] & {key(p) for p in prepare.harmbench_prompts()}
+    # pyrit's harmful pairs, their answers cleaned, readable as pairs by `toss-mlx eval`
+    pyrit = {key(p["prompt"]): p["completion"] for p in prepare.harmful_pairs()}
+    assert all(pyrit[key(r["prompt"])] == r["completion"] for r in rows["eval_prefill"])
+    assert not any(r["completion"].lower().startswith(("genus", "species")) for r in rows["eval_prefill"])
+    from toss_mlx.evaluate.depth import read_pairs
+
+    assert len(read_pairs(str(tmp_path / "a" / "eval_prefill.jsonl"))) == 40
+    # their own random stream: the run's other files stay what they were for this seed
+    build(tmp_path / "b", n_eval_prefill=3, n_eval_other=2, **sizes)
+    again = _rows(tmp_path / "b")
+    for name in rows:
+        if name not in DEEP_FILES:
+            assert again[name] == rows[name], name

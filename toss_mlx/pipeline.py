@@ -53,6 +53,8 @@ class DataFiles:
     eval_harmful: str | None = "eval_harmful.jsonl"  # harmful prompts: refusal rate
     eval_edgy: str | None = "eval_edgy.jsonl"  # benign but edgy prompts: over-refusal
     eval_task: str | None = "eval_task.jsonl"  # held-out task problems with answers: utility
+    eval_prefill: str | None = None  # harmful prompt + answer pairs: prefill attack, NLL/KL by position
+    eval_harmful_sets: dict[str, str] = field(default_factory=dict)  # more harmful sets: name -> file
 
 
 @dataclass
@@ -251,7 +253,7 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
             prepare.build_quickstart(out, seed=recipe.seed, **recipe.data.prepare_sizes)
             return {n: out / getattr(recipe.data, n) for n in ("custom", "harmful", "utility")}
         stages.append(Stage("prepare", {"kind": recipe.data.prepare, "sizes": recipe.data.prepare_sizes,
-                                        "seed": recipe.seed, "version": 1}, run_prepare))
+                                        "seed": recipe.seed, "version": 2}, run_prepare))
 
     def trainer(name: str, data_file: Path, out: Path, extra: dict[str, Any], **more: Any) -> Stage:
         settings = _train_settings(recipe, extra, base, str(data_file), str(out), **more)
@@ -310,7 +312,13 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
     stages.append(trainer("final", custom, final_dir, recipe.train, mask=str(mask)))
 
     evals = {"harmful": data("eval_harmful"), "edgy": data("eval_edgy"), "benign": data("eval_task")}
-    if any(evals.values()):
+    # deep safety (issue 22): only in the stage key when set, so older runs keep their key
+    deep: dict[str, Any] = {}
+    if recipe.data.eval_prefill:
+        deep["prefill_harmful"] = data("eval_prefill")
+    if recipe.data.eval_harmful_sets:
+        deep["harmful_sets"] = {k: data_dir / v for k, v in recipe.data.eval_harmful_sets.items()}
+    if any(evals.values()) or deep:
         def run_eval(out: Path, resume: bool) -> dict[str, Path]:
             from .evaluate import EvalSettings, evaluate
 
@@ -318,11 +326,13 @@ def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
                              template=recipe.template, max_seq_len=recipe.max_seq_len,
                              max_new_tokens=recipe.eval.max_new_tokens, decode=recipe.eval.decode,
                              batch_size=recipe.eval.batch_size, judge=recipe.eval.judge,
-                             **{k: str(v) for k, v in evals.items() if v})
+                             **{k: str(v) for k, v in evals.items() if v},
+                             prefill_harmful=deep.get("prefill_harmful") and str(deep["prefill_harmful"]),
+                             harmful_sets={k: str(v) for k, v in deep.get("harmful_sets", {}).items()})
             evaluate(s, out / "eval.json", quiet=True)
             return {"eval": out / "eval.json"}
         stages.append(Stage("eval", {"final": final_dir, "eval": dataclasses.asdict(recipe.eval),
-                                     **evals}, run_eval))
+                                     **evals, **deep}, run_eval))
 
     def run_report(out: Path, resume: bool) -> dict[str, Path]:
         from .report import ReportInputs, build_report
@@ -414,6 +424,12 @@ def summary_text(result: dict[str, Any]) -> str:
         metrics = entry.get("metrics", {})
         parts = [f"{key} {metrics[key]['value']:.3f} (n={metrics[key]['n']})"
                  for key in SUMMARY_METRICS if key in metrics]
+        # deep safety (issue 22): prefill recovery at K = 10, NLL gap to the base past position 5
+        for key, label in (("prefill_recovery@10", "prefill recovery K=10"),
+                           ("answer_nll_gap@6+", "NLL gap past token 5")):
+            if key in metrics:
+                value = metrics[key]["value"]
+                parts.append(f"{label} {value:.3f} (n={metrics[key]['n']})")
         lines.append(f"  {entry.get('name')}: " + ", ".join(parts))
     outputs = result.get("outputs", {})
     for stage, key in (("report", "report"), ("export", "export"), ("final", "adapter")):
