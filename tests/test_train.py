@@ -432,3 +432,14 @@ def test_init_adapter_continues_from_its_weights(tmp_path, tiny_model_dir, data_
         train(replace(cont, out=str(tmp_path / "wrong"), lora=LoraSettings(rank=8)))
     with pytest.raises(TossError, match="adapter not found"):
         train(replace(cont, out=str(tmp_path / "none"), init_adapter=str(tmp_path / "nope")))
+
+
+def test_mlx_lm_ui_is_silent_and_restored(tmp_path, tiny_model_dir, data_file, capfd):
+    import mlx_lm.tuner.trainer as mlx_lm_trainer
+
+    original = mlx_lm_trainer.TrainUI
+    capfd.readouterr()
+    train(settings_for(tiny_model_dir, data_file, tmp_path / "a", iters=2))
+    out, err = capfd.readouterr()
+    assert "train_loss" not in out + err  # mlx-lm's own header line: "iter   train_loss ..."
+    assert mlx_lm_trainer.TrainUI is original

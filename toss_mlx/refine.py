@@ -194,15 +194,16 @@ _TRAIN_NOT_IN_KEY = {"data", "out", "mask", "valid", "init_adapter", "resume", "
 def round_key(s: RefineSettings, t: int, previous: str, safety: Path,
               added_before: set[int]) -> str:
     """The key of round t (t = 0: the starting safety model; t = rounds + 1: the final scoring)."""
-    settings = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)
-                if f.name not in _NOT_IN_KEY | {"train", "data", "harmful", "utility"}}
     train = {f.name: getattr(s.train, f.name) for f in dataclasses.fields(s.train)
              if f.name not in _TRAIN_NOT_IN_KEY}
+    if t == 0:  # trained on the harmful set alone: nothing else of refine goes into it
+        return cache_key({"round": 0, "train": train, "harmful": Path(s.harmful)})
+    settings = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)
+                if f.name not in _NOT_IN_KEY | {"train", "data", "harmful", "utility"}}
     return cache_key({
         "round": t, "previous": previous, "settings": settings, "train": train,
         "data": Path(s.data), "harmful": Path(s.harmful),
-        "utility": adapter_fingerprint(s.utility),
-        "safety": adapter_fingerprint(safety) if t > 0 else None,
+        "utility": adapter_fingerprint(s.utility), "safety": adapter_fingerprint(safety),
         "added_before": sorted(added_before),
     })
 
