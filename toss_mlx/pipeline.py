@@ -225,7 +225,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     try:
         recipe = build_config(Recipe, raw, source=str(path))
     except TossError as e:
-        problems += [line.strip() for line in str(e).splitlines()[1:] or [str(e)]]
+        problems += [line.strip().removeprefix("Recipe: ")
+                     for line in str(e).splitlines()[1:] or [str(e)]]
     base = path.parent
     files = {**{f.name: f.default for f in dataclasses.fields(DataFiles)}, **(raw.get("data") or {})}
     if not files.get("prepare"):
