@@ -37,6 +37,8 @@ import numpy as np
 
 # toss_mlx first: it preloads OpenBLAS before anything imports mlx.core (mlx is imported below,
 # inside the functions, for that reason).
+from machine_info import machine  # bench/machine_info.py: bench/ is this script's folder
+
 from toss_mlx.data import tokenize_dataset
 from toss_mlx.io import save_arrays, write_json
 from toss_mlx.models.load import load_model
@@ -44,7 +46,6 @@ from toss_mlx.models.lora import LoraSettings, add_lora
 from toss_mlx.models.registry import pull
 from toss_mlx.train import TrainSettings, train
 
-MACHINE = "Linux x86-64, 2 cores, OpenBLAS, mlx 0.32.4 cpu"
 WORDS = ("the model answers each question with a careful and detailed explanation of the "
          "steps involved, checking every number twice before giving a final result").split()
 
@@ -232,7 +233,7 @@ def main() -> None:
                      "lora": "rank 16, alpha 16, q_proj+v_proj, all layers", "optimizer": "adam 1e-5"},
         "runs": runs,
         "interleaved": steps,
-        "machine": MACHINE,
+        "machine": machine(),
         "python": platform.python_version(),
         "argv": sys.argv[1:],
     }
