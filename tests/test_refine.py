@@ -197,3 +197,22 @@ def test_refine_rounds_are_keyed_by_their_inputs(refine_inputs, tiny_model_dir, 
     assert r0.stat().st_mtime_ns != before0
     summary = json.loads((out / "rounds.json").read_text())
     assert [r["harmful_size"] for r in summary["rounds"]] == [5 + 3, 5 + 6]
+
+
+def test_cli_refine_takes_the_train_flags(refine_inputs, tiny_model_dir, tmp_path):
+    from toss_mlx_cli.main import app
+    from typer.testing import CliRunner
+
+    d, custom, harmful = refine_inputs
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, [
+        "refine", "--model", str(tiny_model_dir), "--data", str(custom), "--harmful", str(harmful),
+        "--utility", str(d / "utility"), "--rounds", "1", "--k", "2", "--out", str(out),
+        "--iters", "1", "--batch-size", "2", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
+        "--format", "prompt_completion", "--skip-bad-rows", "--max-seq-len", "48", "-q"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "round-1" / "adapter" / "run.json").read_text())["settings"]
+    assert (settings["iters"], settings["batch_size"], settings["lr"]) == (1, 2, 1e-2)
+    assert (settings["format"], settings["skip_bad_rows"], settings["max_seq_len"]) == \
+        ("prompt_completion", True, 48)
+    assert (settings["lora"]["rank"], settings["lora"]["alpha"]) == (4, 8)
