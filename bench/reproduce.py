@@ -160,9 +160,9 @@ def lora(s: Setting, num_layers: int | None = None) -> LoraSettings:
                         num_layers=num_layers or s.num_layers)
 
 
-def train_adapter(model: str, data: Path, out: Path, s: Setting, seed: int,
+def train_adapter(model: str, data_file: Path, out: Path, s: Setting, seed: int,
                   num_layers: int | None = None, **kw: Any) -> dict:
-    settings = TrainSettings(model=model, data=str(data), out=str(out), lora=lora(s, num_layers),
+    settings = TrainSettings(model=model, data=str(data_file), out=str(out), lora=lora(s, num_layers),
                              max_seq_len=s.max_seq_len, seed=seed, batch_size=4, resume=True,
                              quiet=True, **kw)
     r = train(settings)
@@ -175,12 +175,12 @@ def fuse(model: str, adapter: Path, out: Path) -> dict:
                                                            dequantize=True).fused_modules}
 
 
-def toss_pro(base: str, data: Path, utility: Path, safety: Path, out: Path, s: Setting, seed: int,
+def toss_pro(base: str, data_dir: Path, utility: Path, safety: Path, out: Path, s: Setting, seed: int,
              ref: dict[str, Any]) -> dict:
     """Two TOSS-Pro rounds from the reference models; the rounds and the final scores."""
     train = TrainSettings(model=base, data="", out="", lora=lora(s), max_seq_len=s.max_seq_len,
                           seed=seed, batch_size=4, quiet=True, **ref)
-    result = refine(RefineSettings(data=str(data / "custom.jsonl"), harmful=str(data / "harmful_ref.jsonl"),
+    result = refine(RefineSettings(data=str(data_dir / "custom.jsonl"), harmful=str(data_dir / "harmful_ref.jsonl"),
                                    utility=str(utility), out=str(out), train=train, rounds=2, k=s.pro_k,
                                    safety=str(safety), quiet=True))
     return {"rounds": result.rounds, "final_scores": str(result.final_scores)}
@@ -195,15 +195,15 @@ def whole_sentences(text: str) -> str:
     return text[:ends[-1]].strip() if ends else ""
 
 
-def edgy_answers(original: str, data: Path, s: Setting) -> dict:
+def edgy_answers(original: str, data_dir: Path, s: Setting) -> dict:
     """The original model's own answers to benign-but-edgy prompts, as alignment data."""
-    result = evaluate(EvalSettings(model=original, edgy=str(data / "align_edgy.jsonl"),
-                                   max_new_tokens=2 * s.max_new_tokens), data / "edgy_answers.eval.json",
+    result = evaluate(EvalSettings(model=original, edgy=str(data_dir / "align_edgy.jsonl"),
+                                   max_new_tokens=2 * s.max_new_tokens), data_dir / "edgy_answers.eval.json",
                       quiet=True)
     rows = [{"prompt": r["prompt"], "completion": whole_sentences(r["answer"]), "source": "edgy"}
             for r in result["models"][0]["prompts"]["edgy"]
             if not r["refusal"] and not r["degenerate"] and whole_sentences(r["answer"])]
-    write_text(data / "align_edgy_answered.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(data_dir / "align_edgy_answered.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return {"answered": len(rows), "asked": len(result["models"][0]["prompts"]["edgy"])}
 
 
@@ -242,22 +242,22 @@ def metrics_of(model_entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def eval_settings(model: str, data: Path, s: Setting, adapters: dict[str, str],
+def eval_settings(model: str, data_dir: Path, s: Setting, adapters: dict[str, str],
                   include_base: bool = True) -> list[EvalSettings]:
     """Safety and over-refusal with short answers; the task with room for a worked answer."""
     common = dict(model=model, adapters=adapters, max_seq_len=s.max_seq_len, batch_size=s.eval_batch,
                   include_base=include_base)
-    return [EvalSettings(harmful=str(data / "eval_harmful.jsonl"), edgy=str(data / "eval_edgy.jsonl"),
+    return [EvalSettings(harmful=str(data_dir / "eval_harmful.jsonl"), edgy=str(data_dir / "eval_edgy.jsonl"),
                          max_new_tokens=s.max_new_tokens, **common),
-            EvalSettings(benign=str(data / "eval_task.jsonl"), max_new_tokens=s.task_max_new_tokens,
+            EvalSettings(benign=str(data_dir / "eval_task.jsonl"), max_new_tokens=s.task_max_new_tokens,
                          **common)]
 
 
-def run_eval(model: str, data: Path, s: Setting, adapters: dict[str, str], out: Path,
+def run_eval(model: str, data_dir: Path, s: Setting, adapters: dict[str, str], out: Path,
              include_base: bool = True) -> dict:
     """Evaluate the base and every adapter on the same prompts; merge both evaluations."""
     merged: dict[str, Any] = {}
-    for i, settings in enumerate(eval_settings(model, data, s, adapters, include_base)):
+    for i, settings in enumerate(eval_settings(model, data_dir, s, adapters, include_base)):
         result = evaluate(settings, out.with_suffix(f".part{i}.json"), quiet=False)
         if not merged:
             merged = result
@@ -287,32 +287,32 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     s = QUICK if args.quick else FULL
     out: Path = args.out / ("quick" if args.quick else f"seed{args.seed}")
-    data = out / "data"
+    data_dir = out / "data"
     steps = Steps(out)
     wall = time.perf_counter()
 
     # 1. data and the aligned base
-    sizes = steps("data", build_reproduce, data, seed=args.seed, **s.data)
-    steps("edgy_answers", edgy_answers, MODEL, data, s)
-    align_data = concat(data / "align.jsonl", data / "align_refusals.jsonl", data / "align_benign.jsonl",
-                        data / "align_edgy_answered.jsonl")
+    sizes = steps("data", build_reproduce, data_dir, seed=args.seed, **s.data)
+    steps("edgy_answers", edgy_answers, MODEL, data_dir, s)
+    align_data = concat(data_dir / "align.jsonl", data_dir / "align_refusals.jsonl", data_dir / "align_benign.jsonl",
+                        data_dir / "align_edgy_answered.jsonl")
     steps("align", train_adapter, MODEL, align_data, out / "align" / "adapter", s, args.seed,
           iters=s.align_iters, lr=2e-4, num_layers=s.align_layers)
     aligned = out / "aligned-model"
     steps("fuse", fuse, MODEL, out / "align" / "adapter", aligned)
     base = str(aligned)
     # the original and the aligned model (its adapter on the original) on the same prompts
-    steps("eval_alignment", run_eval, MODEL, data, s, {"aligned": str(out / "align" / "adapter")},
+    steps("eval_alignment", run_eval, MODEL, data_dir, s, {"aligned": str(out / "align" / "adapter")},
           out / "eval-alignment.json")
     check_alignment(read_json(out / "eval-alignment.json"))
 
     # 2. references, scores, masks
     ref = dict(epochs=s.reference_epochs, lr=s.reference_lr)
-    steps("utility_ref", train_adapter, base, data / "utility_ref.jsonl", out / "utility", s, args.seed, **ref)
-    steps("safety_ref", train_adapter, base, data / "harmful_ref.jsonl", out / "safety", s, args.seed, **ref)
+    steps("utility_ref", train_adapter, base, data_dir / "utility_ref.jsonl", out / "utility", s, args.seed, **ref)
+    steps("safety_ref", train_adapter, base, data_dir / "harmful_ref.jsonl", out / "safety", s, args.seed, **ref)
     # TOSS-Pro's round 1 scores the data with the round-0 safety model: those are plain
     # TOSS's scores, so they are not computed twice.
-    pro = steps("toss_pro", toss_pro, base, data, out / "utility", out / "safety", out / "pro", s,
+    pro = steps("toss_pro", toss_pro, base, data_dir, out / "utility", out / "safety", out / "pro", s,
                 args.seed, ref)
     scores = Path(pro["rounds"][0]["scores"])
     masks = out / "masks"
@@ -329,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (path, kw) in selections.items()}
 
     # 3. the fine-tunes: same data, recipe and budget; only the mask (or the mix) differs
-    safe_mix = concat(data / "custom_safe_mix.jsonl", data / "custom.jsonl", data / "safe_demos.jsonl")
-    runs = {"standard_sft": (data / "custom.jsonl", None), "safe_mix": (safe_mix, None)}
-    runs |= {name: (data / "custom.jsonl", masks / f"{name}.safetensors") for name in selections}
+    safe_mix = concat(data_dir / "custom_safe_mix.jsonl", data_dir / "custom.jsonl", data_dir / "safe_demos.jsonl")
+    runs = {"standard_sft": (data_dir / "custom.jsonl", None), "safe_mix": (safe_mix, None)}
+    runs |= {name: (data_dir / "custom.jsonl", masks / f"{name}.safetensors") for name in selections}
 
     def finetune_and_evaluate(names: list[str], epochs: int, prefix: str, folder: Path,
                               eval_path: Path, include_base: bool) -> dict[str, Any]:
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = {name: steps(f"{prefix}train_{name}", train_adapter, base, runs[name][0], folder / name,
                                s, args.seed, mask=str(runs[name][1]) if runs[name][1] else None,
                                epochs=epochs, lr=s.finetune_lr) for name in names}
-        steps(f"{prefix}eval_methods", run_eval, base, data, s, {n: str(folder / n) for n in names},
+        steps(f"{prefix}eval_methods", run_eval, base, data_dir, s, {n: str(folder / n) for n in names},
               eval_path, include_base)
         evaluated = {m["name"]: m for m in read_json(eval_path)["models"]}
         sft = problem_nll(evaluated["standard_sft"])
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         return methods | {name: metrics_of(evaluated[name]) | {
             "selection": selected.get(name),
             "detector": (detector_quality(selections[name][0], masks / f"{name}.safetensors",
-                                          data / "custom.jsonl") if name in selections else None),
+                                          data_dir / "custom.jsonl") if name in selections else None),
             "task_nll_vs_standard_sft": nll_difference([(problem_nll(evaluated[name]), sft)]),
             "train": trained[name]} for name in names}
 
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         result["stress"]["seconds"] = {k: v for k, v in steps.seconds.items() if k not in before}
     result["wall_seconds_this_session"] = time.perf_counter() - wall
-    write_report(out, scores, masks / "toss_d0.1.safetensors", data, base)
+    write_report(out, scores, masks / "toss_d0.1.safetensors", data_dir, base)
     write_json(out / "result.json", result)
     # every finished seed of this setting, pooled (a quick run stands alone)
     seeds = [result] if args.quick else [read_json(p) for p in sorted(args.out.glob("seed*/result.json"))]
@@ -569,10 +569,10 @@ def check_alignment(result: dict[str, Any]) -> None:
           flush=True)
 
 
-def write_report(out: Path, scores: Path, mask: Path, data: Path, base: str) -> None:
+def write_report(out: Path, scores: Path, mask: Path, data_dir: Path, base: str) -> None:
     from toss_mlx.report import ReportInputs, build_report
 
-    inputs = ReportInputs(scores=scores, mask=mask, data=data / "custom.jsonl",
+    inputs = ReportInputs(scores=scores, mask=mask, data=data_dir / "custom.jsonl",
                           evals=[out / "eval.json"], model=base)
     build_report(inputs, out / "report.html", title="TOSS reproduction (SmolLM2-135M)")
 

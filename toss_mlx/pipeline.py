@@ -354,27 +354,27 @@ class Manifest:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = read_json(path) if path.exists() else {"stages": {}}
+        self.doc = read_json(path) if path.exists() else {"stages": {}}
 
     def done(self, stage: str, key: str) -> bool:
-        entry = self.data["stages"].get(stage)
+        entry = self.doc["stages"].get(stage)
         return bool(entry and entry.get("key") == key and entry.get("status") == "done"
                     and all(Path(p).exists() for p in entry.get("outputs", {}).values()))
 
     def started_with(self, stage: str, key: str) -> bool:
-        entry = self.data["stages"].get(stage)
+        entry = self.doc["stages"].get(stage)
         return bool(entry and entry.get("key") == key)
 
     def outputs(self, stage: str) -> dict[str, Path]:
-        return {k: Path(v) for k, v in self.data["stages"][stage]["outputs"].items()}
+        return {k: Path(v) for k, v in self.doc["stages"][stage]["outputs"].items()}
 
     def describe(self, **info: Any) -> None:
-        self.data.update(info)
-        write_json(self.path, self.data)
+        self.doc.update(info)
+        write_json(self.path, self.doc)
 
     def record(self, stage: str, **entry: Any) -> None:
-        self.data["stages"][stage] = {**self.data["stages"].get(stage, {}), **entry}
-        write_json(self.path, self.data)
+        self.doc["stages"][stage] = {**self.doc["stages"].get(stage, {}), **entry}
+        write_json(self.path, self.doc)
 
 
 # ---------------------------------------------------------------- the stages
@@ -443,12 +443,12 @@ def data_files(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> dict[st
             else layout.recipe_dir / getattr(recipe.data, name) for name in DATA_FILES}
 
 
-def _train_settings(recipe: Recipe, options: dict[str, Any], data: Path, out: Path,
+def _train_settings(recipe: Recipe, options: dict[str, Any], data_file: Path, out: Path,
                     **files: Path | None) -> TrainSettings:
     """A stage's TrainSettings: the recipe's shared settings, the stage's options, its files."""
     shared = {"model": recipe.model, "template": recipe.template, "max_seq_len": recipe.max_seq_len,
               "seed": recipe.seed, "lora": dataclasses.asdict(recipe.lora)}
-    stage = {"data": str(data), "out": str(out), "quiet": True,
+    stage = {"data": str(data_file), "out": str(out), "quiet": True,
              **{k: str(v) for k, v in files.items() if v is not None}}
     return build_config(TrainSettings, shared, options, stage, source="recipe")
 
@@ -687,7 +687,7 @@ def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | 
     return result
 
 
-def detector_quality(scores_path: Path, mask_path: Path, data: Path) -> dict[str, Any] | None:
+def detector_quality(scores_path: Path, mask_path: Path, data_path: Path) -> dict[str, Any] | None:
     """Where removed tokens fall, when the data says which rows are harmful (`source` field).
 
     precision: share of removed tokens that lie in harmful samples; their share of all
@@ -701,7 +701,7 @@ def detector_quality(scores_path: Path, mask_path: Path, data: Path) -> dict[str
     from .io import load_arrays
     from .select import answer_positions
 
-    harmful_rows = {r.index for r in read_rows(data) if r.data.get("source") == "harmful"}
+    harmful_rows = {r.index for r in read_rows(data_path) if r.data.get("source") == "harmful"}
     if not harmful_rows:
         return None
     scores, _ = load_arrays(scores_path, "scores file")
