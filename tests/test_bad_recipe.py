@@ -113,3 +113,14 @@ def test_a_good_name_runs_inside_runs(workdir):
     assert result.exit_code == 0, result.output
     assert (workdir / "runs" / "tiny" / "utility" / "adapter" / "adapters.safetensors").exists()
     assert sorted(os.listdir(workdir / "runs")) == ["tiny"]
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"reference.lr": -1}, "reference: lr must be positive, got -1"),
+    ({"train.epochz": 1}, "train.epochz: unknown setting (did you mean 'epochs'?)"),
+    ({"toss.strategy": "first-k", "toss.level": "sample"}, "strategy first-k has no per-sample level"),
+    ({"toss.ratio": 1.5}, "ratio must be in (0, 1), got 1.5"),
+    ({"export": "gguf"}, "export: expected one of 'peft', 'mlx', 'none', got 'gguf'"),
+])
+def test_other_settings_are_checked_before_any_compute(workdir, changes, expected):
+    assert expected in refused(workdir, changes)

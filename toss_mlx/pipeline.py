@@ -85,6 +85,8 @@ class TossSettings:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r} (expected one of "
                              f"{', '.join(STRATEGIES)})")
+        if self.strategy in ("first-k", "sample-filter") and self.level != "global":
+            raise ValueError(f"strategy {self.strategy} has no per-sample level; leave level at global")
         if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):  # NaN fails too
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.rounds < 0:
@@ -189,13 +191,13 @@ def _plan_problems(recipe: Recipe, base: Path) -> list[str]:
     problems: list[str] = []
     layout = RunLayout(Path("runs") / recipe.name, base)
     files = {name: Path(f"{name}.jsonl") for name in DATA_FILES}
-    for stage, options in (("utility", recipe.reference_options()),
-                           ("safety", recipe.reference_options()),
-                           ("final", options_dict(recipe.train))):
+    # The two references share their settings; the final model has its own.
+    for section, stage, options in (("reference", "utility", recipe.reference_options()),
+                                    ("train", "final", options_dict(recipe.train))):
         try:
             _train_settings(recipe, options, files["custom"], layout.adapter(stage))
         except TossError as e:
-            problems += [f"{'train' if stage == 'final' else 'reference'}: {line.strip()}"
+            problems += [f"{section}: {line.strip().removeprefix('TrainSettings: ')}"
                          for line in str(e).splitlines()[1:] or [str(e)]]
     if recipe.toss.rounds:
         n = _custom_rows(recipe, base)
