@@ -189,3 +189,33 @@ def test_manifest_redoes_a_stage_whose_input_file_changed(recipe_dir):
     assert stages_run(logs) == ["safety", "score", "select"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["safety"]["settings"]["data"] == str(harmful)
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_the_recipes_format_and_skip_bad_rows_reach_every_stage(recipe_dir, rounds):
+    """train.format and train.skip_bad_rows reach the references, TOSS-Pro, the scorer and the
+    final fine-tune: a custom file with a bad line runs through, without that line."""
+    import numpy as np
+
+    from toss_mlx.score import load_scores
+
+    custom = recipe_dir / "custom.jsonl"
+    good = custom.read_text().splitlines()
+    custom.write_text("\n".join(good[:2] + ['{"prompt": "no answer here"}', "not json"] + good[2:]) + "\n")
+    out = recipe_dir / "skip"
+    with pytest.raises(TossError, match="custom.jsonl:4: malformed JSON"):
+        run(recipe_dir / "recipe.yaml", [f"toss.rounds={rounds}", "toss.k=2"], out=out, say=lambda m: None)
+    overrides = [f"toss.rounds={rounds}", "toss.k=2", "train.skip_bad_rows=true",
+                 "train.format=prompt_completion"]
+    result = run(recipe_dir / "recipe.yaml", overrides, out=out, say=lambda m: None)
+    assert result["detector"]["harmful_samples"] == 3 and (out / "report" / "report.html").exists()
+    rows = load_scores(result["outputs"]["score"]["scores"]).row_index
+    assert sorted(rows.tolist()) == [i for i in range(len(good) + 2) if i not in (2, 3)]
+    if rounds:
+        round_1 = load_scores(out / "refine" / "round-1" / "scores.safetensors")
+        assert np.array_equal(np.sort(rows), np.sort(round_1.row_index))
+    settings = json.loads((out / "final" / "adapter" / "run.json").read_text())["settings"]
+    assert settings["skip_bad_rows"] is True and settings["format"] == "prompt_completion"
+    for stage in ("utility", "safety"):
+        settings = json.loads((out / stage / "adapter" / "run.json").read_text())["settings"]
+        assert settings["skip_bad_rows"] is True, stage

@@ -682,14 +682,15 @@ def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | 
     result = {"run_dir": str(layout.run_dir), "recipe": recipe.name, "outputs": outputs}
     if "select" in upstream:
         result["detector"] = detector_quality(upstream["score"]["scores"], upstream["select"]["mask"],
-                                              custom)
+                                              custom, recipe.train.skip_bad_rows or False)
     if "eval" in upstream:
         result["eval"] = read_json(upstream["eval"]["eval"]).get("models")
     write_json(layout.summary, result)
     return result
 
 
-def detector_quality(scores_path: Path, mask_path: Path, data_path: Path) -> dict[str, Any] | None:
+def detector_quality(scores_path: Path, mask_path: Path, data_path: Path,
+                     skip_bad_rows: bool = False) -> dict[str, Any] | None:
     """Where removed tokens fall, when the data says which rows are harmful (`source` field).
 
     precision: share of removed tokens that lie in harmful samples; their share of all
@@ -703,7 +704,8 @@ def detector_quality(scores_path: Path, mask_path: Path, data_path: Path) -> dic
     from .io import load_arrays
     from .select import answer_positions
 
-    harmful_rows = {r.index for r in read_rows(data_path) if r.data.get("source") == "harmful"}
+    harmful_rows = {r.index for r in read_rows(data_path, skip_bad_rows=skip_bad_rows)
+                    if r.data.get("source") == "harmful"}
     if not harmful_rows:
         return None
     scores, _ = load_arrays(scores_path, "scores file")

@@ -99,11 +99,12 @@ def top_token_set(scores: Scores, ratio: float) -> set[int]:
     return set(_ranking(scores)[:floor_share(ratio, scores.scored_tokens)].tolist())
 
 
-def _rows(path: str) -> dict[int, str]:
+def _rows(path: str, skip_bad_rows: bool) -> dict[int, str]:
     """Raw JSON lines of a data file by row index (JSONL), so added samples keep every field."""
     from .data import read_rows
 
-    return {r.index: json.dumps(r.data, ensure_ascii=False) for r in read_rows(path)}
+    return {r.index: json.dumps(r.data, ensure_ascii=False)
+            for r in read_rows(path, skip_bad_rows=skip_bad_rows)}
 
 
 def _check(s: RefineSettings) -> None:
@@ -225,10 +226,10 @@ def refine(s: RefineSettings, say: Callable[[str], None] | None = None) -> Refin
     if say is None:
         say = (lambda m: None) if s.quiet else print
     store = KeyedStore(layout.out)
-    harmful_rows = _rows(s.harmful)
+    harmful_rows = _rows(s.harmful, s.train.skip_bad_rows)
     if not harmful_rows:
         raise TossError(f"{s.harmful}: the harmful set has no rows")
-    custom_rows = _rows(s.data)
+    custom_rows = _rows(s.data, s.train.skip_bad_rows)
     if s.k * s.rounds > len(custom_rows):
         raise TossError(f"k={s.k} x rounds={s.rounds} is more than the {len(custom_rows)} samples of {s.data}")
     if not s.resume:
