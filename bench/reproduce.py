@@ -33,7 +33,7 @@ SmolLM2-135M-Instruct with data that PyPI packages ship, from one command:
 
 Writes bench/results/reproduce.json, a table in bench/RESULTS.md (between markers)
 and the run's report HTML. Every step keeps its output in --out and is skipped
-when run again, so a killed run resumes.
+when run again with the same arguments (see `Steps`), so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -51,18 +50,20 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
+from machine_info import machine  # noqa: E402
 
 import toss_mlx  # noqa: E402,F401  (preloads BLAS before mlx.core)
+from toss_mlx.cache import KeyedStore, cache_key  # noqa: E402
 from toss_mlx.evaluate import EvalSettings, evaluate, rate  # noqa: E402
 from toss_mlx.fuse import fuse_adapter  # noqa: E402
-from toss_mlx.io import read_json, write_json, write_text  # noqa: E402
+from toss_mlx.io import TossError, read_json, write_json, write_text  # noqa: E402
 from toss_mlx.models.lora import LoraSettings  # noqa: E402
 from toss_mlx.pipeline import detector_quality  # noqa: E402
 from toss_mlx.prepare import build_reproduce  # noqa: E402
 from toss_mlx.refine import RefineSettings, refine  # noqa: E402
-from toss_mlx.score import ScoreSettings, score  # noqa: E402
 from toss_mlx.select import select  # noqa: E402
 from toss_mlx.train import TrainSettings, train  # noqa: E402
 
@@ -106,24 +107,49 @@ QUICK = Setting(data=dict(n_task_custom=24, n_harmful_custom=6, n_harmful_ref=8,
 
 
 class Steps:
-    """Each step runs once: its result (a JSON-able dict) is kept in OUT/steps/NAME.json."""
+    """Each step runs once per key: its result (a JSON-able dict) is kept in OUT/steps/NAME.json.
+
+    A step's key hashes (`toss_mlx.cache.cache_key`) its function, its arguments and the
+    key of the step before it. Paths are keyed by name, not content: a step's outputs
+    are among its arguments, and every input file of a step is an output of an earlier
+    one, so the chain covers them. A changed argument therefore redoes that step and
+    every step after it; a step whose function's arguments are unchanged is skipped.
+    """
 
     def __init__(self, out: Path) -> None:
-        self.dir = out / "steps"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = KeyedStore(out / "steps")
+        self.store.dir.mkdir(parents=True, exist_ok=True)
         self.seconds: dict[str, float] = {}
+        self.previous = ""  # the key of the last step called
+
+    def key(self, name: str, fn, args: tuple, kwargs: dict) -> str:
+        def by_name(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: by_name(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [by_name(v) for v in value]
+            return value
+
+        return cache_key({"step": name, "fn": f"{fn.__module__}.{fn.__qualname__}",
+                          "args": by_name(list(args)), "kwargs": by_name(kwargs),
+                          "previous": self.previous})
 
     def __call__(self, name: str, fn, *args, **kwargs) -> dict[str, Any]:
-        path = self.dir / f"{name}.json"
-        if path.exists():
-            done = read_json(path)
+        key = self.key(name, fn, args, kwargs)
+        self.previous = key
+        done = self.store.load(name, key)
+        if done is not None:
             self.seconds[name] = done["seconds"]
             return done["result"]
+        if self.store.key_of(name) is not None:
+            print(f"== {name}: its arguments or an earlier step changed; redoing it", flush=True)
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - start
-        write_json(path, {"seconds": seconds, "result": result})
+        self.store.save(name, key, {"seconds": seconds, "result": result})
         self.seconds[name] = seconds
         print(f"== {name}: {seconds:.0f} s", flush=True)
         return result
@@ -134,14 +160,30 @@ def lora(s: Setting, num_layers: int | None = None) -> LoraSettings:
                         num_layers=num_layers or s.num_layers)
 
 
-def train_adapter(model: str, data: Path, out: Path, s: Setting, seed: int,
+def train_adapter(model: str, data_file: Path, out: Path, s: Setting, seed: int,
                   num_layers: int | None = None, **kw: Any) -> dict:
-    settings = TrainSettings(model=model, data=str(data), out=str(out), lora=lora(s, num_layers),
+    settings = TrainSettings(model=model, data=str(data_file), out=str(out), lora=lora(s, num_layers),
                              max_seq_len=s.max_seq_len, seed=seed, batch_size=4, resume=True,
                              quiet=True, **kw)
     r = train(settings)
     return {"adapter": str(out), "steps": r.steps, "train_loss": r.train_loss,
             "kept_share": r.kept_share, "tokens_per_sec": r.tokens_per_sec}
+
+
+def fuse(model: str, adapter: Path, out: Path) -> dict:
+    return {"out": str(out), "fused_modules": fuse_adapter(model, adapter, out,
+                                                           dequantize=True).fused_modules}
+
+
+def toss_pro(base: str, data_dir: Path, utility: Path, safety: Path, out: Path, s: Setting, seed: int,
+             ref: dict[str, Any]) -> dict:
+    """Two TOSS-Pro rounds from the reference models; the rounds and the final scores."""
+    train = TrainSettings(model=base, data="", out="", lora=lora(s), max_seq_len=s.max_seq_len,
+                          seed=seed, batch_size=4, quiet=True, **ref)
+    result = refine(RefineSettings(data=str(data_dir / "custom.jsonl"), harmful=str(data_dir / "harmful_ref.jsonl"),
+                                   utility=str(utility), out=str(out), train=train, rounds=2, k=s.pro_k,
+                                   safety=str(safety), quiet=True))
+    return {"rounds": result.rounds, "final_scores": str(result.final_scores)}
 
 
 def whole_sentences(text: str) -> str:
@@ -153,15 +195,15 @@ def whole_sentences(text: str) -> str:
     return text[:ends[-1]].strip() if ends else ""
 
 
-def edgy_answers(original: str, data: Path, s: Setting) -> dict:
+def edgy_answers(original: str, data_dir: Path, s: Setting) -> dict:
     """The original model's own answers to benign-but-edgy prompts, as alignment data."""
-    result = evaluate(EvalSettings(model=original, edgy=str(data / "align_edgy.jsonl"),
-                                   max_new_tokens=2 * s.max_new_tokens), data / "edgy_answers.eval.json",
+    result = evaluate(EvalSettings(model=original, edgy=str(data_dir / "align_edgy.jsonl"),
+                                   max_new_tokens=2 * s.max_new_tokens), data_dir / "edgy_answers.eval.json",
                       quiet=True)
     rows = [{"prompt": r["prompt"], "completion": whole_sentences(r["answer"]), "source": "edgy"}
             for r in result["models"][0]["prompts"]["edgy"]
             if not r["refusal"] and not r["degenerate"] and whole_sentences(r["answer"])]
-    write_text(data / "align_edgy_answered.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(data_dir / "align_edgy_answered.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return {"answered": len(rows), "asked": len(result["models"][0]["prompts"]["edgy"])}
 
 
@@ -200,22 +242,22 @@ def metrics_of(model_entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def eval_settings(model: str, data: Path, s: Setting, adapters: dict[str, str],
+def eval_settings(model: str, data_dir: Path, s: Setting, adapters: dict[str, str],
                   include_base: bool = True) -> list[EvalSettings]:
     """Safety and over-refusal with short answers; the task with room for a worked answer."""
     common = dict(model=model, adapters=adapters, max_seq_len=s.max_seq_len, batch_size=s.eval_batch,
                   include_base=include_base)
-    return [EvalSettings(harmful=str(data / "eval_harmful.jsonl"), edgy=str(data / "eval_edgy.jsonl"),
+    return [EvalSettings(harmful=str(data_dir / "eval_harmful.jsonl"), edgy=str(data_dir / "eval_edgy.jsonl"),
                          max_new_tokens=s.max_new_tokens, **common),
-            EvalSettings(benign=str(data / "eval_task.jsonl"), max_new_tokens=s.task_max_new_tokens,
+            EvalSettings(benign=str(data_dir / "eval_task.jsonl"), max_new_tokens=s.task_max_new_tokens,
                          **common)]
 
 
-def run_eval(model: str, data: Path, s: Setting, adapters: dict[str, str], out: Path,
+def run_eval(model: str, data_dir: Path, s: Setting, adapters: dict[str, str], out: Path,
              include_base: bool = True) -> dict:
     """Evaluate the base and every adapter on the same prompts; merge both evaluations."""
     merged: dict[str, Any] = {}
-    for i, settings in enumerate(eval_settings(model, data, s, adapters, include_base)):
+    for i, settings in enumerate(eval_settings(model, data_dir, s, adapters, include_base)):
         result = evaluate(settings, out.with_suffix(f".part{i}.json"), quiet=False)
         if not merged:
             merged = result
@@ -245,45 +287,34 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     s = QUICK if args.quick else FULL
     out: Path = args.out / ("quick" if args.quick else f"seed{args.seed}")
-    data = out / "data"
+    data_dir = out / "data"
     steps = Steps(out)
     wall = time.perf_counter()
 
     # 1. data and the aligned base
-    sizes = steps("data", build_reproduce, data, seed=args.seed, **s.data)
-    steps("edgy_answers", edgy_answers, MODEL, data, s)
-    align_data = concat(data / "align.jsonl", data / "align_refusals.jsonl", data / "align_benign.jsonl",
-                        data / "align_edgy_answered.jsonl")
+    sizes = steps("data", build_reproduce, data_dir, seed=args.seed, **s.data)
+    steps("edgy_answers", edgy_answers, MODEL, data_dir, s)
+    align_data = concat(data_dir / "align.jsonl", data_dir / "align_refusals.jsonl", data_dir / "align_benign.jsonl",
+                        data_dir / "align_edgy_answered.jsonl")
     steps("align", train_adapter, MODEL, align_data, out / "align" / "adapter", s, args.seed,
           iters=s.align_iters, lr=2e-4, num_layers=s.align_layers)
     aligned = out / "aligned-model"
-    steps("fuse", lambda: {"out": str(aligned), "fused_modules": fuse_adapter(
-        MODEL, out / "align" / "adapter", aligned, dequantize=True).fused_modules})
+    steps("fuse", fuse, MODEL, out / "align" / "adapter", aligned)
     base = str(aligned)
     # the original and the aligned model (its adapter on the original) on the same prompts
-    steps("eval_alignment", run_eval, MODEL, data, s, {"aligned": str(out / "align" / "adapter")},
+    steps("eval_alignment", run_eval, MODEL, data_dir, s, {"aligned": str(out / "align" / "adapter")},
           out / "eval-alignment.json")
     check_alignment(read_json(out / "eval-alignment.json"))
 
     # 2. references, scores, masks
     ref = dict(epochs=s.reference_epochs, lr=s.reference_lr)
-    steps("utility_ref", train_adapter, base, data / "utility_ref.jsonl", out / "utility", s, args.seed, **ref)
-    steps("safety_ref", train_adapter, base, data / "harmful_ref.jsonl", out / "safety", s, args.seed, **ref)
-    scores = out / "scores.safetensors"
-    steps("score", lambda: score(ScoreSettings(model=base, utility=str(out / "utility"),
-                                               safety=str(out / "safety"), data=str(data / "custom.jsonl"),
-                                               out=str(scores), max_seq_len=s.max_seq_len, quiet=True))
-          .meta | {"out": str(scores)})
-    # Round 1 scores with the round-0 safety model: the scores above, so they are not redone.
-    (out / "pro" / "round-1").mkdir(parents=True, exist_ok=True)
-    if not (out / "pro" / "round-1" / "scores.safetensors").exists():
-        shutil.copy(scores, out / "pro" / "round-1" / "scores.safetensors")
-    pro_train = TrainSettings(model=base, data="", out="", lora=lora(s), max_seq_len=s.max_seq_len,
-                              seed=args.seed, batch_size=4, quiet=True, **ref)
-    steps("toss_pro", lambda: refine(RefineSettings(
-        data=str(data / "custom.jsonl"), harmful=str(data / "harmful_ref.jsonl"), utility=str(out / "utility"),
-        out=str(out / "pro"), train=pro_train, rounds=2, k=s.pro_k, safety=str(out / "safety"),
-        quiet=True)).rounds)
+    steps("utility_ref", train_adapter, base, data_dir / "utility_ref.jsonl", out / "utility", s, args.seed, **ref)
+    steps("safety_ref", train_adapter, base, data_dir / "harmful_ref.jsonl", out / "safety", s, args.seed, **ref)
+    # TOSS-Pro's round 1 scores the data with the round-0 safety model: those are plain
+    # TOSS's scores, so they are not computed twice.
+    pro = steps("toss_pro", toss_pro, base, data_dir, out / "utility", out / "safety", out / "pro", s,
+                args.seed, ref)
+    scores = Path(pro["rounds"][0]["scores"])
     masks = out / "masks"
     selections = {  # method -> (scores file, select arguments)
         "random": (scores, dict(strategy="random", ratio=0.1, seed=args.seed)),
@@ -291,16 +322,16 @@ def main(argv: list[str] | None = None) -> int:
         "sample_filter": (scores, dict(strategy="sample-filter", ratio=0.1)),
         "toss_d0.1": (scores, dict(ratio=0.1)),
         "toss_d0.2": (scores, dict(ratio=0.2)),
-        "toss_pro_r1": (out / "pro" / "round-2" / "scores.safetensors", dict(ratio=0.1)),
-        "toss_pro_r2": (out / "pro" / "final" / "scores.safetensors", dict(ratio=0.1)),
+        "toss_pro_r1": (Path(pro["rounds"][1]["scores"]), dict(ratio=0.1)),
+        "toss_pro_r2": (Path(pro["final_scores"]), dict(ratio=0.1)),
     }
     selected = {name: steps(f"select_{name}", select, str(path), str(masks / f"{name}.safetensors"), **kw)
                 for name, (path, kw) in selections.items()}
 
     # 3. the fine-tunes: same data, recipe and budget; only the mask (or the mix) differs
-    safe_mix = concat(data / "custom_safe_mix.jsonl", data / "custom.jsonl", data / "safe_demos.jsonl")
-    runs = {"standard_sft": (data / "custom.jsonl", None), "safe_mix": (safe_mix, None)}
-    runs |= {name: (data / "custom.jsonl", masks / f"{name}.safetensors") for name in selections}
+    safe_mix = concat(data_dir / "custom_safe_mix.jsonl", data_dir / "custom.jsonl", data_dir / "safe_demos.jsonl")
+    runs = {"standard_sft": (data_dir / "custom.jsonl", None), "safe_mix": (safe_mix, None)}
+    runs |= {name: (data_dir / "custom.jsonl", masks / f"{name}.safetensors") for name in selections}
 
     def finetune_and_evaluate(names: list[str], epochs: int, prefix: str, folder: Path,
                               eval_path: Path, include_base: bool) -> dict[str, Any]:
@@ -308,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = {name: steps(f"{prefix}train_{name}", train_adapter, base, runs[name][0], folder / name,
                                s, args.seed, mask=str(runs[name][1]) if runs[name][1] else None,
                                epochs=epochs, lr=s.finetune_lr) for name in names}
-        steps(f"{prefix}eval_methods", run_eval, base, data, s, {n: str(folder / n) for n in names},
+        steps(f"{prefix}eval_methods", run_eval, base, data_dir, s, {n: str(folder / n) for n in names},
               eval_path, include_base)
         evaluated = {m["name"]: m for m in read_json(eval_path)["models"]}
         sft = problem_nll(evaluated["standard_sft"])
@@ -316,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         return methods | {name: metrics_of(evaluated[name]) | {
             "selection": selected.get(name),
             "detector": (detector_quality(selections[name][0], masks / f"{name}.safetensors",
-                                          data / "custom.jsonl") if name in selections else None),
+                                          data_dir / "custom.jsonl") if name in selections else None),
             "task_nll_vs_standard_sft": nll_difference([(problem_nll(evaluated[name]), sft)]),
             "train": trained[name]} for name in names}
 
@@ -333,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "original_model": metrics_of(original),
         "aligned_adapter_on_original": metrics_of(aligned_check),  # before fusing; same prompts
         "methods": methods,
-        "toss_pro_rounds": read_json(out / "steps" / "toss_pro.json")["result"],
+        "toss_pro_rounds": pro["rounds"],
         "seconds": dict(steps.seconds),
         "total_seconds": sum(steps.seconds.values()),
     }
@@ -353,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         result["stress"]["seconds"] = {k: v for k, v in steps.seconds.items() if k not in before}
     result["wall_seconds_this_session"] = time.perf_counter() - wall
-    write_report(out, scores, masks / "toss_d0.1.safetensors", data, base)
+    write_report(out, scores, masks / "toss_d0.1.safetensors", data_dir, base)
     write_json(out / "result.json", result)
     # every finished seed of this setting, pooled (a quick run stands alone)
     seeds = [result] if args.quick else [read_json(p) for p in sorted(args.out.glob("seed*/result.json"))]
@@ -482,8 +513,24 @@ def combine_methods(blocks: list[dict[str, Any]], eval_paths: list[str]) -> dict
     return methods
 
 
+def check_poolable(results: list[dict[str, Any]]) -> None:
+    """Refuse to pool seeds run with different settings (anything but the seed itself)."""
+    def setting(r: dict[str, Any]) -> dict[str, Any]:
+        return {"model": r.get("model"), **{k: v for k, v in r["setting"].items() if k != "seed"}}
+
+    first = setting(results[0])
+    for r in results[1:]:
+        other = setting(r)
+        differ = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if differ:
+            raise TossError(f"seed {r['seed']} was run with other settings than seed "
+                            f"{results[0]['seed']} ({', '.join(differ)}); pool only seeds of one "
+                            "setting (move the other's folder out of --out)")
+
+
 def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The reproduction over every seed run so far: pooled metrics, and each seed's own."""
+    check_poolable(results)
     first = results[0]
     combined = {
         "machine": first["machine"],
@@ -522,22 +569,12 @@ def check_alignment(result: dict[str, Any]) -> None:
           flush=True)
 
 
-def write_report(out: Path, scores: Path, mask: Path, data: Path, base: str) -> None:
+def write_report(out: Path, scores: Path, mask: Path, data_dir: Path, base: str) -> None:
     from toss_mlx.report import ReportInputs, build_report
 
-    inputs = ReportInputs(scores=scores, mask=mask, data=data / "custom.jsonl",
+    inputs = ReportInputs(scores=scores, mask=mask, data=data_dir / "custom.jsonl",
                           evals=[out / "eval.json"], model=base)
     build_report(inputs, out / "report.html", title="TOSS reproduction (SmolLM2-135M)")
-
-
-def machine() -> str:
-    import os
-    import platform
-
-    import mlx.core as mx
-
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-            f"mlx {mx.__version__} ({mx.default_device()}), BLAS {toss_mlx.blas.status[0] or 'default'}")
 
 
 def _pct(v: float | None) -> str:

@@ -37,6 +37,8 @@ import numpy as np
 
 # toss_mlx first: it preloads OpenBLAS before anything imports mlx.core (mlx is imported below,
 # inside the functions, for that reason).
+from machine_info import machine  # bench/machine_info.py: bench/ is this script's folder
+
 from toss_mlx.data import tokenize_dataset
 from toss_mlx.io import save_arrays, write_json
 from toss_mlx.models.load import load_model
@@ -44,7 +46,6 @@ from toss_mlx.models.lora import LoraSettings, add_lora
 from toss_mlx.models.registry import pull
 from toss_mlx.train import TrainSettings, train
 
-MACHINE = "Linux x86-64, 2 cores, OpenBLAS, mlx 0.32.4 cpu"
 WORDS = ("the model answers each question with a careful and detailed explanation of the "
          "steps involved, checking every number twice before giving a final result").split()
 
@@ -59,20 +60,20 @@ def make_data(folder: Path, n: int, seq_len: int, tokenizer):
         answer = " ".join(rng.choice(WORDS, size=seq_len * 2))
         rows.append({"prompt": f"Question {i}: explain how you would solve problem {i}.",
                      "completion": answer})
-    data = folder / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokenized = tokenize_dataset(data, tokenizer, max_seq_len=seq_len)
+    data_file = folder / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenized = tokenize_dataset(data_file, tokenizer, max_seq_len=seq_len)
     assert all(len(s.tokens) == seq_len for s in tokenized.samples), "rows too short"
     flat = tokenized.flat()
     mask = folder / "mask.safetensors"
     save_arrays(mask, {"offsets": flat["offsets"], "row_index": flat["row_index"],
                        "keep": np.ones(int(flat["offsets"][-1]), np.uint8)}, tokenized.fingerprint)
     items = [(s.tokens.tolist(), int(np.argmax(s.response_mask))) for s in tokenized.samples]
-    return data, mask, items, tokenized
+    return data_file, mask, items, tokenized
 
 
-def run_toss(model_dir: Path, data: Path, mask: Path, out: Path, args) -> dict:
-    settings = TrainSettings(model=str(model_dir), data=str(data), mask=str(mask), out=str(out),
+def run_toss(model_dir: Path, data_file: Path, mask: Path, out: Path, args) -> dict:
+    settings = TrainSettings(model=str(model_dir), data=str(data_file), mask=str(mask), out=str(out),
                              iters=args.steps, batch_size=args.batch_size,
                              max_seq_len=args.seq_len, quiet=True, overwrite=True)
     result = train(settings)
@@ -185,10 +186,10 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"toss": [], "mlx_lm": []}
     with tempfile.TemporaryDirectory(prefix="toss-bench-") as tmp:
         tmp = Path(tmp)
-        data, mask, items, tokenized = make_data(tmp, max(2 * args.batch_size, 16), args.seq_len,
-                                                 tokenizer)
+        data_file, mask, items, tokenized = make_data(tmp, max(2 * args.batch_size, 16),
+                                                      args.seq_len, tokenizer)
         warm = argparse.Namespace(**{**vars(args), "steps": 2})
-        run_toss(model_dir, data, mask, tmp / "out", warm)
+        run_toss(model_dir, data_file, mask, tmp / "out", warm)
         run_mlx_lm(model_dir, items, tmp, warm)
         for r in range(args.rounds):
             order = ("toss", "mlx_lm") if r % 2 == 0 else ("mlx_lm", "toss")  # ABBA: no order bias
@@ -196,7 +197,7 @@ def main() -> None:
                 gc.collect()
                 mx.clear_cache()
                 if name == "toss":
-                    run = run_toss(model_dir, data, mask, tmp / "out", args)
+                    run = run_toss(model_dir, data_file, mask, tmp / "out", args)
                 else:
                     run = run_mlx_lm(model_dir, items, tmp, args)
                 run["tokens_per_sec"] = run["tokens"] / run["seconds"]
@@ -232,7 +233,7 @@ def main() -> None:
                      "lora": "rank 16, alpha 16, q_proj+v_proj, all layers", "optimizer": "adam 1e-5"},
         "runs": runs,
         "interleaved": steps,
-        "machine": MACHINE,
+        "machine": machine(),
         "python": platform.python_version(),
         "argv": sys.argv[1:],
     }

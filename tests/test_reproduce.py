@@ -131,3 +131,49 @@ def test_metrics_keep_the_per_problem_losses(reproduce):
     assert kept["problem_nll"] == {"nll": [3.0, 2.0], "tokens": [6.0, 4.0]}
     nll, tokens = reproduce.problem_nll(kept)
     assert list(nll) == [3.0, 2.0] and list(tokens) == [6.0, 4.0]
+
+
+def test_combine_seeds_refuses_seeds_of_other_settings(reproduce):
+    from toss_mlx.io import TossError
+
+    def result(seed: int, **setting) -> dict:
+        return {"seed": seed, "model": "tiny", "setting": {"seed": seed, "finetune_epochs": 1,
+                                                           "quick": False, **setting}}
+
+    with pytest.raises(TossError, match=r"seed 1 was run with other settings than seed 0 \(finetune_lr\)"):
+        reproduce.combine_seeds([result(0, finetune_lr=2e-4), result(1, finetune_lr=1e-4)])
+    with pytest.raises(TossError, match=r"\(model\)"):
+        reproduce.combine_seeds([result(0), result(1) | {"model": "other"}])
+    reproduce.check_poolable([result(0), result(1), result(2)])  # only the seed differs: fine
+
+
+def test_steps_are_keyed_by_their_arguments_and_the_steps_before(reproduce, tmp_path):
+    calls: list[tuple] = []
+
+    def work(x, path, **kw):
+        calls.append((x, str(path), kw))
+        return {"x": x}
+
+    def run_all(a, b):
+        steps = reproduce.Steps(tmp_path)
+        return steps("first", work, a, tmp_path / "f"), steps("second", work, b, tmp_path / "s", k=1)
+
+    assert run_all(1, 2) == ({"x": 1}, {"x": 2}) and len(calls) == 2
+    assert run_all(1, 2) == ({"x": 1}, {"x": 2}) and len(calls) == 2  # same arguments: kept
+    run_all(1, 3)  # the second step's argument changed: only it is redone
+    assert calls[2:] == [(3, str(tmp_path / "s"), {"k": 1})]
+    run_all(5, 3)  # the first changed: both are redone, the second because the first was
+    assert [c[0] for c in calls[3:]] == [5, 3]
+
+
+def test_bench_machine_is_measured(reproduce):
+    import os
+    import platform
+
+    import mlx.core as mx
+
+    text = reproduce.machine()
+    assert text.startswith(f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores")
+    assert f"mlx {mx.__version__}" in text
+    source = (ROOT / "bench" / "train_throughput.py").read_text()
+    assert '"machine": machine()' in source and "MACHINE =" not in source

@@ -501,3 +501,14 @@ def test_real_model_loss_at_kept_positions_equals_full_logits(smollm2_dir, data_
                                            atol=1e-6, err_msg=name)
     finally:
         batches._KEPT_HEAD.clear()
+
+
+def test_mlx_lm_ui_is_silent_and_restored(tmp_path, tiny_model_dir, data_file, capfd):
+    import mlx_lm.tuner.trainer as mlx_lm_trainer
+
+    original = mlx_lm_trainer.TrainUI
+    capfd.readouterr()
+    train(settings_for(tiny_model_dir, data_file, tmp_path / "a", iters=2))
+    out, err = capfd.readouterr()
+    assert "train_loss" not in out + err  # mlx-lm's own header line: "iter   train_loss ..."
+    assert mlx_lm_trainer.TrainUI is original

@@ -8,7 +8,7 @@ by our batch iterator and masked loss (`toss_mlx.batches`) through its
 `iterate_batches` / `loss` hooks. Its `training_callback`, called after every
 step, adds what mlx-lm lacks: epochs, validation with a best adapter,
 checkpoints with optimizer state for an exact `--resume`, train_log.jsonl and
-our own progress bar (mlx-lm's UI is rendered into os.devnull meanwhile).
+our own progress bar (mlx-lm's own UI is silenced meanwhile).
 
 mlx-lm writes its adapter file non-atomically, so it writes into a scratch
 folder; every file in the output folder is written atomically by us:
@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -53,6 +52,7 @@ from .batches import (
     steps_per_epoch,
     use_kept_head,
 )
+from .cache import adapter_fingerprint
 from .checks import check_writable, locked
 from .config import build_config, read_yaml
 from .data import tokenize_dataset
@@ -206,8 +206,7 @@ def _run_record(s: TrainSettings, data_fp: dict, valid_fp: dict | None, total_st
         "settings": settings,
         "data": data_fp,
         "mask_sha256": sha256_file(s.mask) if s.mask else None,
-        "init_adapter_sha256": (sha256_file(Path(s.init_adapter) / "adapters.safetensors")
-                                if s.init_adapter else None),
+        "init_adapter_fingerprint": adapter_fingerprint(s.init_adapter) if s.init_adapter else None,
         "valid": valid_fp,
         "total_steps": total_steps,
     }
@@ -411,22 +410,48 @@ def make_optimizer(s: TrainSettings, total_updates: int) -> optim.Optimizer:
 # ---------------------------------------------------------------- mlx-lm's own UI
 
 
-@contextlib.contextmanager
-def _mlx_lm_ui_to_devnull() -> Iterator[None]:
-    """mlx-lm's TrainUI prints on its shared rich console; send that to os.devnull meanwhile.
+def _nothing(*args: Any, **kwargs: Any) -> Any:
+    return _nothing
 
-    A non-terminal file also keeps its Live display from taking over sys.stdout/stderr.
+
+class _SilentTrainUI:
+    """Stands in for mlx-lm's TrainUI while our own bar runs: every call does nothing.
+
+    (Calls return a no-op too, as `val_task` returns its `advance` function.)
     """
-    from mlx_lm.cli_ui import make_console
 
-    console = make_console()
-    saved = console._file  # None means "sys.stdout at write time"; restore exactly that
-    with open(os.devnull, "w") as devnull:
-        console.file = devnull
-        try:
-            yield
-        finally:
-            console._file = saved
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _SilentTrainUI:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return _nothing
+
+
+@contextlib.contextmanager
+def _mlx_lm_ui_silenced() -> Iterator[None]:
+    """Silence mlx-lm's TrainUI (progress bar and per-step lines) during its training loop.
+
+    mlx-lm's trainer (0.32+) builds `TrainUI` from its module namespace on each call,
+    so swapping that name out is enough; its Live display then never starts, and
+    never takes over sys.stdout/stderr.
+    """
+    import mlx_lm.tuner.trainer as trainer
+
+    saved = getattr(trainer, "TrainUI", None)
+    trainer.TrainUI = _SilentTrainUI
+    try:
+        yield
+    finally:
+        if saved is None:
+            del trainer.TrainUI
+        else:
+            trainer.TrainUI = saved
 
 
 # ---------------------------------------------------------------- the loop
@@ -545,7 +570,7 @@ class _TrainingCallback:
                 grad_accumulation_steps=s.grad_accum,
                 adapter_file=str(Path(scratch) / "adapters.safetensors"),  # mlx-lm's own, non-atomic write
             )
-            stack.enter_context(_mlx_lm_ui_to_devnull())
+            stack.enter_context(_mlx_lm_ui_silenced())
             stack.enter_context(self.progress)
             self.reseed(self.start)
             mx.reset_peak_memory()
