@@ -116,11 +116,11 @@ def test_a_good_name_runs_inside_runs(workdir):
 
 
 @pytest.mark.parametrize("changes,expected", [
-    ({"reference.lr": -1}, "reference: lr must be positive, got -1"),
+    ({"reference.lr": -1}, "reference: lr must be a positive finite number, got -1"),
     ({"train.epochz": 1}, "train.epochz: unknown setting (did you mean 'epochs'?)"),
     ({"toss.strategy": "first-k", "toss.level": "sample"}, "strategy first-k has no per-sample level"),
     ({"toss.ratio": 1.5}, "ratio must be in (0, 1), got 1.5"),
-    ({"export": "gguf"}, "export: expected one of 'peft', 'mlx', 'none', got 'gguf'"),
+    ({"export": "onnx"}, "export[0]: expected one of 'peft', 'mlx', 'gguf', 'gguf-lora', 'ollama', 'none', got 'onnx'"),
 ])
 def test_other_settings_are_checked_before_any_compute(workdir, changes, expected):
     assert expected in refused(workdir, changes)

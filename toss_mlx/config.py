@@ -156,6 +156,14 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def problems_of(error: TossError, source: str) -> list[str]:
+    """The problems a build_config error lists, without its "SOURCE: invalid setting(s)" lead."""
+    lines = str(error).splitlines()
+    if len(lines) > 1:
+        return [line.strip() for line in lines[1:]]
+    return [lines[0].removeprefix(f"{source}: invalid setting ")]
+
+
 def build_config(cls: type[T], *layers: dict[str, Any], source: str = "config") -> T:
     """Build `cls` from dict layers (later ones win: YAML, then CLI flags). Raises TossError."""
     data: dict[str, Any] = {}

@@ -41,7 +41,7 @@ from typing import Any, Literal, Optional, get_type_hints
 
 from .cache import cache_key
 from .checks import check_writable, hold
-from .config import build_config, merge, parse_overrides, read_yaml
+from .config import build_config, merge, parse_overrides, problems_of, read_yaml
 from .data import check_text_files
 from .io import TossError, atomic_path, read_json, write_json, write_text
 from .models.lora import LoraSettings
@@ -202,8 +202,8 @@ def _plan_problems(recipe: Recipe, base: Path) -> list[str]:
         try:
             _train_settings(recipe, options, files["custom"], layout.adapter(stage))
         except TossError as e:
-            problems += [f"{section}: {line.strip().removeprefix('TrainSettings: ')}"
-                         for line in str(e).splitlines()[1:] or [str(e)]]
+            problems += [f"{section}: {line.removeprefix('TrainSettings: ')}"
+                         for line in problems_of(e, "recipe")]
     if recipe.toss.rounds:
         n = _custom_rows(recipe, base)
         if n is not None and recipe.toss.k * recipe.toss.rounds > n:
@@ -232,8 +232,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     try:
         recipe = build_config(Recipe, raw, source=str(path))
     except TossError as e:
-        problems += [line.strip().removeprefix("Recipe: ")
-                     for line in str(e).splitlines()[1:] or [str(e)]]
+        problems += [line.removeprefix("Recipe: ") for line in problems_of(e, str(path))]
     base = path.parent
     files = {**{f.name: f.default for f in dataclasses.fields(DataFiles)}, **(raw.get("data") or {})}
     if not files.get("prepare"):
