@@ -20,26 +20,6 @@ from toss_mlx.refusal import match_refusal
 
 
 @pytest.fixture(scope="module")
-def noisy_dir(tmp_path_factory) -> Path:
-    """The tiny model with larger random weights (its default init predicts nearly uniformly)."""
-    from tiny import build_model_folder
-
-    folder = build_model_folder(tmp_path_factory.mktemp("noisy-depth"))
-    weights = mx.load(str(folder / "model.safetensors"))
-    mx.random.seed(1)
-    weights = {k: (0.5 * mx.random.normal(v.shape) if v.ndim == 2 else v) for k, v in weights.items()}
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def noisy(noisy_dir):
-    from toss_mlx.models.load import load_model
-
-    return load_model(str(noisy_dir), quiet=True)
-
-
-@pytest.fixture(scope="module")
 def lora_dir(noisy_dir, tmp_path_factory) -> Path:
     from adapters import make_adapter
 
