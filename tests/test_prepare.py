@@ -127,3 +127,47 @@ def test_held_out_pairs_and_other_harmful_sets_share_no_prompt_with_any_other_fi
     for name in rows:
         if name not in DEEP_FILES:
             assert again[name] == rows[name], name
+
+
+def test_disclaimer_rows_open_like_a_refusal_and_keep_the_answer():
+    from toss_mlx.refusal import REFUSAL_PHRASES, match_refusal
+
+    rows = [{"prompt": "p1", "completion": "Step 1: do x.", "source": "harmful"},
+            {"prompt": "p2", "completion": "2 + 2 = 4\n#### 4", "source": "task"},
+            {"prompt": "p3", "completion": "First, get y.", "source": "harmful"}]
+    out = prepare.disclaimer_rows(rows, seed=3)
+    assert out == prepare.disclaimer_rows(rows, seed=3)  # deterministic for a seed
+    assert out[1] == rows[1]  # task rows unchanged
+    for new, old in ((out[0], rows[0]), (out[2], rows[2])):
+        opener, sep, rest = new["completion"].partition("\n\n")
+        assert opener in prepare.DISCLAIMERS and rest == old["completion"] and sep
+        assert new["original_completion"] == old["completion"]
+        assert match_refusal(new["completion"]).start
+        # the opener itself starts (after no noise) with one of the matcher's phrases
+        assert any(opener.lower().startswith(p.lower()) for p in REFUSAL_PHRASES), opener
+    assert all(any(d.lower().startswith(p.lower()) for p in REFUSAL_PHRASES) for d in prepare.DISCLAIMERS)
+
+
+@needs
+def test_reproduce_disclaimer_condition_rewrites_only_the_custom_harmful_answers(tmp_path):
+    sizes = dict(n_task_custom=12, n_harmful_custom=4, n_harmful_ref=5, n_utility_ref=4, n_align_task=4,
+                 n_align_edgy=8, n_safe_demos=2, n_eval_harmful=10, n_eval_edgy=6, n_eval_task=4,
+                 n_eval_prefill=5, n_eval_other=4)
+    main = prepare.build_reproduce(tmp_path / "main", **sizes)
+    dis = prepare.build_reproduce(tmp_path / "dis", condition="disclaimer", **sizes)
+    assert (main["condition"], dis["condition"]) == ("main", "disclaimer")
+    a, b = _rows(tmp_path / "main"), _rows(tmp_path / "dis")
+    assert set(a) == set(b)
+    for name in a:
+        if name != "custom":
+            assert a[name] == b[name], name
+    assert [r["prompt"] for r in a["custom"]] == [r["prompt"] for r in b["custom"]]
+    harmful = [(x, y) for x, y in zip(a["custom"], b["custom"], strict=True) if x["source"] == "harmful"]
+    assert len(harmful) == 4  # hand count: n_harmful_custom
+    from toss_mlx.refusal import match_refusal
+
+    for x, y in harmful:
+        assert y["completion"].endswith("\n\n" + x["completion"]) and match_refusal(y["completion"]).start
+    assert all(x == y for x, y in zip(a["custom"], b["custom"], strict=True) if x["source"] == "task")
+    with pytest.raises(prepare.TossError, match="unknown data condition"):
+        prepare.build_reproduce(tmp_path / "bad", condition="other", **sizes)
