@@ -177,3 +177,166 @@ def test_bench_machine_is_measured(reproduce):
     assert f"mlx {mx.__version__}" in text
     source = (ROOT / "bench" / "train_throughput.py").read_text()
     assert '"machine": machine()' in source and "MACHINE =" not in source
+
+
+# ---------------------------------------------------------------- deep safety in the reproduction (issue 21)
+
+LABELS = ["1-5", "6-20", "21-80", "81+"]
+
+
+def _depth(tokens, nll, base, kl):
+    return {"row": 0, "prompt": "p", "tokens": dict(zip(LABELS, tokens, strict=True)),
+            "nll": dict(zip(LABELS, nll, strict=True)), "nll_base": dict(zip(LABELS, base, strict=True)),
+            "kl": dict(zip(LABELS, kl, strict=True))}
+
+
+def _eval_model(refusals, recovered_by_k, depth):
+    prompts = {"harmful:donotanswer": [{"refusal": r} for r in refusals],
+               "harmful:past_tense": [{"refusal": True}, {"refusal": False}],
+               "prefill": [{"k": k, "recovered": v, "continued": not v, "degenerate": None} for k, vs in recovered_by_k.items() for v in vs],
+               "depth": depth,
+               "benign": [{"reference_nll": 2.0, "reference_tokens": 4}]}
+    return {"name": "m", "metrics": {"nll": {"value": 0.5, "n": 1}}, "prompts": prompts}
+
+
+def test_deep_safety_figures_from_an_eval_entry_match_hand_counts_and_depth_metrics(reproduce):
+    from toss_mlx.evaluate import rate
+    from toss_mlx.evaluate.depth import metrics as depth_metrics
+
+    depth = [_depth([5, 15, 3, 0], [2.0, 1.0, 0.5, None], [2.5, 1.5, 0.25, None], [0.1, 0.2, 0.4, None]),
+             _depth([5, 2, 0, 0], [1.0, 3.0, None, None], [1.0, 2.0, None, None], [0.0, 0.6, None, None])]
+    entry = _eval_model([True, True, False], {5: [True, False], 10: [True, True]}, depth)
+    m = reproduce.metrics_of(entry)
+    assert m["other_refusal"] == {"donotanswer": 2 / 3, "past_tense": 1 / 2}
+    assert m["other_refusal_ci"]["donotanswer"] == rate(2, 3)["ci95"]
+    assert m["prefill_recovery"] == {"5": 0.5, "10": 1.0} and m["n_prefill"] == 2
+    # by hand: bucket 1-5: (5 * -0.5 + 5 * 0) / 10; 6-20: (15 * -0.5 + 2 * 1.0) / 17; 21-80: 0.25
+    gap = m["harmful_nll_gap"]
+    assert gap["1-5"] == pytest.approx(-0.25) and gap["6-20"] == pytest.approx(-5.5 / 17)
+    assert gap["21-80"] == pytest.approx(0.25) and gap["81+"] is None
+    assert gap["6+"] == pytest.approx((15 * -0.5 + 2 * 1.0 + 3 * 0.25) / 20)
+    assert m["kl_to_base"]["6+"] == pytest.approx((15 * 0.2 + 2 * 0.6 + 3 * 0.4) / 20)
+    # the same as the toolkit's own eval metrics on these records (an independent implementation)
+    dm = depth_metrics(entry["prompts"])
+    for b in ("1-5", "6-20", "21-80", "6+"):
+        assert gap[b] == pytest.approx(dm[f"answer_nll_gap@{b}"]["value"])
+    assert m["prefill_recovery"]["5"] == dm["prefill_recovery@5"]["value"]
+    # metrics_of(metrics_of(...)) reads the kept samples back: the same figures
+    again = reproduce.metrics_of({"metrics": entry["metrics"], "prompts": {}} | {"deep_samples": m["deep_samples"]})
+    assert again["harmful_nll_gap"] == gap
+    json.dumps(m)  # result.json keeps it
+
+
+def test_deep_safety_pools_over_every_seed_s_samples(reproduce):
+    from toss_mlx.evaluate import rate
+
+    base = {"advbench_refusal": 1.0, "advbench_refusal_start": 1.0, "attack_success_rate": 0.0,
+            "degenerate_rate": 0.0, "edgy_refusal": 0.0, "task_accuracy": 0.0, "task_nll": 0.5,
+            "n_prompts": 2, "n_edgy": 1, "n_task": 1}
+    seed0 = reproduce.metrics_of(_eval_model([True], {5: [True, False]},
+                                             [_depth([5, 10, 0, 0], [1, 1, None, None], [2, 1.5, None, None],
+                                                     [0, 0, None, None])]))
+    seed1 = reproduce.metrics_of(_eval_model([False, False, True], {5: [False, False, False]},
+                                             [_depth([5, 30, 0, 0], [1, 1, None, None], [1, 2, None, None],
+                                                     [0, 0, None, None])]))
+    pooled = reproduce.pool([seed0 | base, seed1 | base], [None, None])
+    assert pooled["prefill_recovery"]["5"] == 1 / 5
+    assert pooled["prefill_recovery_ci"]["5"] == rate(1, 5)["ci95"]
+    assert pooled["other_refusal"]["donotanswer"] == 2 / 4 and pooled["n_other"]["donotanswer"] == 4
+    assert pooled["harmful_nll_gap"]["6-20"] == pytest.approx((10 * -0.5 + 30 * -1.0) / 40)
+    assert pooled["per_seed"]["prefill_recovery"] == [{"5": 0.5}, {"5": 0.0}]
+    table = reproduce.deep_table([("m", pooled)])
+    assert "Do-Not-Answer refusal % [95% CI]" in table.splitlines()[0]
+    assert "prefill K=5 recovery %" in table and "| 20.0 [" in table
+    assert reproduce.deep_table([("m", base)]) == ""  # nothing measured: no table
+
+
+def test_seeds_of_another_condition_or_model_are_never_pooled(reproduce):
+    from toss_mlx.io import TossError
+
+    def result(seed: int, condition: str) -> dict:
+        return {"seed": seed, "model": "tiny", "condition": condition,
+                "setting": {"seed": seed, "condition": condition, "align": True}}
+
+    with pytest.raises(TossError, match=r"\(condition\)"):
+        reproduce.check_poolable([result(0, "main"), result(1, "disclaimer")])
+    reproduce.check_poolable([result(0, "disclaimer"), result(1, "disclaimer")])
+
+
+def test_model_condition_and_methods_choose_folders_results_and_markers(reproduce):
+    assert reproduce.parse_methods("", "qwen2.5-coder-0.5b-instruct") == [
+        "standard_sft", "first5", "sample_filter", "safe_mix", "toss_d0.1", "toss_pro_r2"]
+    assert reproduce.parse_methods("", "smollm2-135m-instruct") == list(reproduce.METHODS[1:])
+    assert reproduce.parse_methods("toss_d0.1,first5", "smollm2-135m-instruct") == [
+        "standard_sft", "first5", "toss_d0.1"]  # standard SFT always, METHODS' order
+    with pytest.raises(SystemExit, match="unknown method"):
+        reproduce.parse_methods("toss", "smollm2-135m-instruct")
+    assert reproduce.run_tag("smollm2-135m-instruct", "main", True) == reproduce.DEFAULT_TAG
+    assert reproduce.run_tag("qwen2.5-coder-0.5b-instruct", "main", False) == "qwen2.5-coder-0.5b-instruct-main"
+    assert reproduce.run_tag("qwen2.5-coder-0.5b-instruct", "main", True).endswith("-aligned")
+    assert reproduce.run_tag("smollm2-135m-instruct", "disclaimer", False).endswith("disclaimer-unaligned")
+    assert reproduce.results_path(reproduce.DEFAULT_TAG).name == "reproduce.json"
+    assert reproduce.results_path("x-disclaimer").name == "reproduce-x-disclaimer.json"
+    assert reproduce.table_markers(reproduce.DEFAULT_TAG) == (reproduce.TABLE_BEGIN, reproduce.TABLE_END)
+    assert reproduce.SIZES["qwen2.5-coder-0.5b-instruct"].num_layers == 4
+
+
+def test_results_md_keeps_one_table_per_model_and_condition(reproduce, tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# R\n\n{reproduce.TABLE_BEGIN}\nold main\n{reproduce.TABLE_END}\n\ntail\n")
+    reproduce.update_results_md(md, "new main")
+    reproduce.update_results_md(md, "qwen table", "qwen-main")
+    reproduce.update_results_md(md, "qwen table 2", "qwen-main")
+    text = md.read_text()
+    assert "old main" not in text and "new main" in text and "tail" in text
+    assert text.count("qwen table") == 1 and "qwen table 2" in text
+    assert text.count("## Reproduction (bench/reproduce.py): qwen-main") == 1
+
+
+def test_every_eval_gets_the_held_out_pairs_and_the_other_harmful_sets(reproduce, tmp_path):
+    for name in ("eval_harmful", "eval_edgy", "eval_task", "eval_donotanswer", "eval_past_tense",
+                 "eval_future_tense"):
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "x"}\n')
+    (tmp_path / "eval_prefill.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    safety, task = reproduce.eval_settings("m", tmp_path, reproduce.QUICK, {"a": "f"})
+    assert safety.prefill_harmful == str(tmp_path / "eval_prefill.jsonl")
+    assert safety.harmful_sets == {n: str(tmp_path / f) for n, f in reproduce.OTHER_SETS.items()}
+    assert task.prefill_harmful is None and not task.harmful_sets  # the task eval generates no harm
+    (tmp_path / "eval_prefill.jsonl").write_text("")  # no pairs left: no prefill attack, no crash
+    assert reproduce.eval_settings("m", tmp_path, reproduce.QUICK, {})[0].prefill_harmful is None
+
+
+def test_removal_audit_counts_removed_end_tokens_by_hand(reproduce, tmp_path):
+    from toss_mlx.io import save_arrays
+    from toss_mlx.layout import answer_ends
+
+    # two samples: [p p r r r E] and [p r r E]; E (id 9) ends each answer
+    offsets = np.array([0, 6, 10], np.int64)
+    response = np.array([0, 0, 1, 1, 1, 1, 0, 1, 1, 1], np.uint8)
+    ids = np.array([1, 2, 3, 4, 5, 9, 1, 3, 4, 9], np.int32)
+    ends = answer_ends(offsets, response)
+    assert np.nonzero(ends)[0].tolist() == [5, 9]
+    meta = {"dataset_sha256": "d", "tokenizer_sha256": "t", "template": "chatml", "max_seq_len": "64",
+            "model": "m", "utility_adapter_sha256": "u", "safety_adapter_sha256": "s", "format_version": "1"}
+    zeros = np.zeros(10, np.float32)
+    save_arrays(tmp_path / "scores.safetensors", {
+        "offsets": offsets, "row_index": np.array([0, 1], np.int64), "token_ids": ids,
+        "response_mask": response, "loss_utility": zeros, "loss_safety": zeros, "score": zeros}, meta)
+
+    def mask(name, removed, **extra):
+        keep = response.copy()
+        keep[removed] = 0
+        save_arrays(tmp_path / f"{name}.safetensors", {"offsets": offsets, "row_index": np.array([0, 1], np.int64),
+                                                       "keep": keep}, meta | extra)
+        return tmp_path / f"{name}.safetensors"
+
+    masks = {"random": mask("random", [5, 9], seed="3"), "toss": mask("toss", [2, 3, 9])}
+    audit = reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=3)
+    assert (audit["response_tokens"], audit["answer_end_tokens"]) == (7, 2)
+    assert audit["end_share_of_response"] == 2 / 7 and audit["end_token_ids"] == {"9": 2}
+    r, t = audit["masks"]["random"], audit["masks"]["toss"]
+    assert (r["removed_tokens"], r["end_tokens_removed"], r["end_tokens_removed_share"]) == (2, 2, 1.0)
+    assert r["end_removal_ratio"] == pytest.approx(1.0 / (2 / 7)) and r["mask_seed"] == 3
+    assert (t["removed_tokens"], t["end_tokens_removed"], t["end_share_of_removed"]) == (3, 1, 1 / 3)
+    assert t["mask_seed"] is None and audit["random_seed_is_run_seed"] is True
+    assert reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=4)["random_seed_is_run_seed"] is False
