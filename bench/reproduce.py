@@ -124,8 +124,9 @@ QUICK = Setting(data=dict(n_task_custom=24, n_harmful_custom=6, n_harmful_ref=8,
 # - 6 methods instead of 9 (issue 21's list) and 120 custom samples (96 task + 24 harmful, still 20%)
 #   instead of 200: 30 steps per fine-tune, 180 in all; references 24 + 24 samples x 2 epochs (24
 #   steps), TOSS-Pro k = 4 (30 steps over 2 rounds): ~234 steps;
-# - the top 4 of 24 layers adapted (SmolLM2: 8 of 30) and max_seq_len 256 (GSM answers ~150 tokens;
-#   pyrit's harmful answers median ~180, longer ones cut): ~13 s a step, ~50 min of training;
+# - the top 4 of 24 layers adapted (SmolLM2: 8 of 30), max_seq_len 320 as SmolLM2's (a GSM sample is
+#   ~250 tokens with the template; pyrit's harmful answers median ~180, longer ones cut): ~13 s a
+#   step at the samples' ~200 tokens on average, ~50 min of training;
 # - scoring: 3 passes (TOSS-Pro rounds 0-2) x 120 samples x 2 models forward only: ~12 min;
 # - evaluation, 7 models (base + 6): 40 AdvBench, 24 edgy, 10 per other harmful set, 24 held-out
 #   pairs x K = 5, 10, 20 prefilled (72 generations) and 16 task problems with 96 new tokens: ~166
@@ -134,7 +135,7 @@ QUICK = Setting(data=dict(n_task_custom=24, n_harmful_custom=6, n_harmful_ref=8,
 QWEN = Setting(data=dict(n_task_custom=96, n_harmful_custom=24, n_harmful_ref=24, n_utility_ref=24,
                          n_align_task=60, n_align_edgy=75, n_safe_demos=4, n_eval_harmful=40,
                          n_eval_edgy=24, n_eval_task=16, n_eval_prefill=24, n_eval_other=10),
-               align_layers=8, num_layers=4, max_seq_len=256, pro_k=4, task_max_new_tokens=96,
+               align_layers=8, num_layers=4, max_seq_len=320, pro_k=4, task_max_new_tokens=96,
                eval_batch=24)
 SIZES = {"smollm2-135m-instruct": FULL, "qwen2.5-coder-0.5b-instruct": QWEN}
 DEFAULT_TAG = "smollm2-135m-instruct-main"
@@ -499,7 +500,10 @@ def main(argv: list[str] | None = None) -> int:
         "sample_filter": lambda: (scores, dict(strategy="sample-filter", ratio=0.1)),
         "toss_d0.1": lambda: (scores, dict(ratio=0.1)),
         "toss_d0.2": lambda: (scores, dict(ratio=0.2)),
-        "toss_pro_r1": lambda: (Path(pro["rounds"][1]["scores"]), dict(ratio=0.1)),
+        # refine's rounds[t - 1] scores with the round t - 1 safety model; the final scoring with the
+        # last round's: with one round, TOSS-Pro round 1's scores are the final ones
+        "toss_pro_r1": lambda: (Path(pro["rounds"][1]["scores"] if len(pro["rounds"]) > 1
+                                     else pro["final_scores"]), dict(ratio=0.1)),
         "toss_pro_r2": lambda: (Path(pro["final_scores"]), dict(ratio=0.1)),
     }
     selections = {name: make() for name, make in selections.items() if name in scored}

