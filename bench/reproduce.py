@@ -9,6 +9,14 @@ SmolLM2-135M-Instruct with data that PyPI packages ship, from one command:
     python bench/reproduce.py --seed 1        # another replicate; results pool all seeds
     python bench/reproduce.py --stress first5,toss_d0.1   # then those fine-tuned 2x longer
     python bench/reproduce.py --quick         # a few minutes: checks the plumbing only
+    python bench/reproduce.py --model qwen2.5-coder-0.5b-instruct   # natively aligned: no step 1
+    python bench/reproduce.py --condition disclaimer --methods first5,sample_filter,toss_d0.1,toss_pro_r2
+
+`--model` chooses the model (its sizes: `SIZES`), `--align/--no-align` whether step 1 runs
+(default: only for models without safety training), `--methods` a subset of step 4's
+methods, `--condition disclaimer` the second data condition (the custom data's harmful
+answers open like a refusal, then comply: `prepare.disclaimer_rows`). Each model and
+condition has its own folder, results file and table, and is never pooled with another.
 
 1. Align. SmolLM2-135M-Instruct has no safety training, so a safety-aligned base
    is made first with the toolkit itself: LoRA on HarmBench prompts answered with
@@ -28,6 +36,11 @@ SmolLM2-135M-Instruct with data that PyPI packages ship, from one command:
    (safety), refusal rate on benign-but-edgy prompts (over-refusal), and held-out
    task NLL and exact-match accuracy (utility), with Wilson 95% intervals; the NLL
    gap to standard SFT gets a paired bootstrap interval over the task problems.
+   Deep safety (issue 22's instruments, `toss_mlx.evaluate.depth`): refusal on
+   Do-Not-Answer and past/future-tense rephrasings, each apart; on held-out harmful
+   prompt + answer pairs, prefill recovery at K = 5, 10, 20 and the harmful-answer
+   NLL gap and KL to the base by answer position (`deep_summary`). What each mask
+   removes, answer end tokens included, is audited per seed (`removal_audit`).
    Where each mask's removed tokens fall (in harmful samples; at answer openings)
    is measured against the data's `source` labels.
 
