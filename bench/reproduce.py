@@ -572,8 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": sum(steps.seconds.values()),
     }
     if scored:  # issue 21 item 5: what random removal removes, beside the other masks
+        from toss_mlx.models.load import load_tokenizer
+
         result["removal_audit"] = removal_audit(scores, {n: masks / f"{n}.safetensors" for n in selections},
-                                                seed=args.seed)
+                                                seed=args.seed, end_token_id=load_tokenizer(base).eos_token_id)
     if args.stress:
         # 5. longer fine-tuning for some methods: does the safety they kept at 1 epoch hold?
         stressed = ["standard_sft"] + [n for n in args.stress.split(",") if n and n != "standard_sft"]
@@ -609,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def removal_audit(scores_path: Path, masks: dict[str, Path], seed: int) -> dict[str, Any]:
+def removal_audit(scores_path: Path, masks: dict[str, Path], seed: int,
+                  end_token_id: int | None = None) -> dict[str, Any]:
     """What each mask removes (issue 21 item 5: why does random removal fall below standard SFT?).
 
     Per mask: removed response tokens (random must match TOSS d = 0.1's budget), the random
@@ -617,6 +620,8 @@ def removal_audit(scores_path: Path, masks: dict[str, Path], seed: int) -> dict[
     (the last token of each answer: the chat template's end-of-turn token): how many it removes,
     their share of its removed tokens against their share of all response tokens (> 1: it
     removes end tokens more often than chance, which teaches the model not to stop).
+    `end_token_id`: the tokenizer's end-of-turn id; an answer cut by max_seq_len ends on
+    another token and is counted in `answers_cut` instead (None: every answer's last token).
     """
     from collections import Counter
 
@@ -624,13 +629,15 @@ def removal_audit(scores_path: Path, masks: dict[str, Path], seed: int) -> dict[
 
     scores = load_scores(scores_path)
     response = scores.response_mask.astype(bool)
-    ends = answer_ends(scores.offsets, scores.response_mask)
+    last = answer_ends(scores.offsets, scores.response_mask)
+    ends = last if end_token_id is None else last & (scores.token_ids == end_token_id)
     n_response, n_ends = int(response.sum()), int(ends.sum())
     out: dict[str, Any] = {
         "scores": str(scores_path), "response_tokens": n_response, "answer_end_tokens": n_ends,
+        "end_token_id": end_token_id, "answers": int(last.sum()), "answers_cut": int((last & ~ends).sum()),
         "end_share_of_response": n_ends / n_response if n_response else None,
-        # which token the ends are (a chat template closes answers with one token, e.g. <|im_end|>)
-        "end_token_ids": {str(k): v for k, v in Counter(scores.token_ids[ends].tolist()).most_common(3)},
+        # which tokens the answers' last ones are (a chat template closes them with one, e.g. <|im_end|>)
+        "last_token_ids": {str(k): v for k, v in Counter(scores.token_ids[last].tolist()).most_common(3)},
         "run_seed": seed, "masks": {}}
     for name, path in masks.items():
         mask = load_mask(path, scores.offsets, scores.row_index, None, str(scores_path))

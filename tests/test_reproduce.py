@@ -333,13 +333,21 @@ def test_removal_audit_counts_removed_end_tokens_by_hand(reproduce, tmp_path):
     masks = {"random": mask("random", [5, 9], seed="3"), "toss": mask("toss", [2, 3, 9])}
     audit = reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=3)
     assert (audit["response_tokens"], audit["answer_end_tokens"]) == (7, 2)
-    assert audit["end_share_of_response"] == 2 / 7 and audit["end_token_ids"] == {"9": 2}
+    assert audit["end_share_of_response"] == 2 / 7 and audit["last_token_ids"] == {"9": 2}
     r, t = audit["masks"]["random"], audit["masks"]["toss"]
     assert (r["removed_tokens"], r["end_tokens_removed"], r["end_tokens_removed_share"]) == (2, 2, 1.0)
     assert r["end_removal_ratio"] == pytest.approx(1.0 / (2 / 7)) and r["mask_seed"] == 3
     assert (t["removed_tokens"], t["end_tokens_removed"], t["end_share_of_removed"]) == (3, 1, 1 / 3)
     assert t["mask_seed"] is None and audit["random_seed_is_run_seed"] is True
     assert reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=4)["random_seed_is_run_seed"] is False
+    # an answer cut by max_seq_len ends on another token: not an end token
+    ids[9] = 4
+    save_arrays(tmp_path / "scores.safetensors", {
+        "offsets": offsets, "row_index": np.array([0, 1], np.int64), "token_ids": ids,
+        "response_mask": response, "loss_utility": zeros, "loss_safety": zeros, "score": zeros}, meta)
+    cut = reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=3, end_token_id=9)
+    assert (cut["answers"], cut["answer_end_tokens"], cut["answers_cut"]) == (2, 1, 1)
+    assert cut["masks"]["random"]["end_tokens_removed"] == 1 and cut["masks"]["toss"]["end_tokens_removed"] == 0
 
 
 needs_data = pytest.mark.skipif(
@@ -402,6 +410,14 @@ def test_quick_run_on_the_tiny_model_without_alignment_on_the_disclaimer_data(re
     assert all(v is None or v == pytest.approx(0.0) for v in base_gap.values())  # the base against itself
     audit = result["removal_audit"]
     assert audit["random_seed_is_run_seed"] and set(audit["masks"]) == {"random", "toss_pro_r1"}
+    # the answers' end tokens are the chat template's end-of-turn token, one per custom sample
+    from toss_mlx.models.load import load_tokenizer
+
+    im_end = load_tokenizer(name).convert_tokens_to_ids("<|im_end|>")
+    assert audit["end_token_id"] == im_end  # the base's eos is the template's end of turn
+    assert 0 < audit["answers"] <= result["data"]["custom"]  # at most one per sample (tiny: long prompts fill max_seq_len)
+    assert audit["answer_end_tokens"] + audit["answers_cut"] == audit["answers"]
+    assert audit["masks"]["random"]["removed_tokens"] == audit["masks"]["toss_pro_r1"]["removed_tokens"]
     combined = json.loads(results.read_text())
     assert (combined["model"], combined["condition"], combined["seeds"]) == (name, "disclaimer", [0])
     table = reproduce.results_tables(combined)
