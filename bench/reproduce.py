@@ -459,17 +459,18 @@ def main(argv: list[str] | None = None) -> int:
                          f"15 minutes per method on 2 cores")
     ap.add_argument("--results", type=Path, default=None,
                     help="where the results JSON goes (default bench/results/reproduce.json for "
-                         "SmolLM2 on the main condition, reproduce-MODEL-CONDITION.json otherwise; the "
-                         "table goes into bench/RESULTS.md unless --quick)")
+                         "SmolLM2 on the main condition, reproduce-MODEL-CONDITION.json otherwise, "
+                         "--quick: its run folder; the table goes into bench/RESULTS.md unless --quick)")
     args = ap.parse_args(argv)
     model: str = args.model
     align = (model not in NATIVELY_ALIGNED) if args.align is None else args.align
     names = parse_methods(args.methods, model)
     s = QUICK if args.quick else SIZES[model]
     tag = run_tag(model, args.condition, align)
-    results_file = args.results or results_path(tag)
     folder = args.out / tag
     out: Path = folder / ("quick" if args.quick else f"seed{args.seed}")
+    # a --quick run's results stay in its folder: they must never replace a real run's
+    results_file = args.results or (out / "reproduce.json" if args.quick else results_path(tag))
     data_dir = out / "data"
     steps = Steps(out)
     wall = time.perf_counter()
@@ -920,8 +921,10 @@ def results_tables(combined: dict[str, Any]) -> str:
     seeds = combined["seeds"]
     condition = combined.get("condition", "main")
     aligned = combined.get("align", True)
-    rows = ([("original (no alignment)", combined["original_model"])] if aligned else []) + list(
-        combined["methods"].items())
+    # without the alignment step the base is the model itself (natively aligned), named so
+    rows = ([("original (no alignment)", combined["original_model"])] if aligned else []) + [
+        ("base (natively aligned)" if n == "aligned_base" and not aligned else n, m)
+        for n, m in combined["methods"].items()]
     text = (f"Model: {combined['model']}; data condition: {condition}"
             f"{'' if condition == 'main' else ' (reported apart, never pooled with main)'}; base: "
             f"{'aligned by the toolkit' if aligned else 'the model itself (natively aligned)'}.\n"

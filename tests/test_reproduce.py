@@ -381,6 +381,9 @@ def test_quick_run_on_the_tiny_model_with_alignment(reproduce, tiny_model_dir, t
     assert len(result["toss_pro_rounds"]) == 1 and "prefill_recovery" in result["original_model"]
     assert "prefill_recovery" in result["aligned_adapter_on_original"]
     assert "original (no alignment)" in reproduce.results_tables(json.loads(results.read_text()))
+    # without --results, a --quick run's pooled results stay in its own folder
+    assert reproduce.main(["--quick", "--model", name, "--methods", "first5", "--out", str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "runs" / f"{name}-main" / "quick" / "reproduce.json").exists()
 
 
 @needs_data
@@ -422,6 +425,7 @@ def test_quick_run_on_the_tiny_model_without_alignment_on_the_disclaimer_data(re
     assert (combined["model"], combined["condition"], combined["seeds"]) == (name, "disclaimer", [0])
     table = reproduce.results_tables(combined)
     assert "data condition: disclaimer (reported apart" in table and "prefill K=10 recovery" in table
+    assert "| base (natively aligned) |" in table and "original (no alignment)" not in table
     data = tmp_path / "runs" / tag / "quick" / "data"
     harmful = [json.loads(x) for x in (data / "custom.jsonl").read_text().splitlines()]
     assert all(r["completion"].endswith(r["original_completion"]) for r in harmful if r["source"] == "harmful")
