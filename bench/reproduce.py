@@ -9,6 +9,14 @@ SmolLM2-135M-Instruct with data that PyPI packages ship, from one command:
     python bench/reproduce.py --seed 1        # another replicate; results pool all seeds
     python bench/reproduce.py --stress first5,toss_d0.1   # then those fine-tuned 2x longer
     python bench/reproduce.py --quick         # a few minutes: checks the plumbing only
+    python bench/reproduce.py --model qwen2.5-coder-0.5b-instruct   # natively aligned: no step 1
+    python bench/reproduce.py --condition disclaimer --methods first5,sample_filter,toss_d0.1,toss_pro_r2
+
+`--model` chooses the model (its sizes: `SIZES`), `--align/--no-align` whether step 1 runs
+(default: only for models without safety training), `--methods` a subset of step 4's
+methods, `--condition disclaimer` the second data condition (the custom data's harmful
+answers open like a refusal, then comply: `prepare.disclaimer_rows`). Each model and
+condition has its own folder, results file and table, and is never pooled with another.
 
 1. Align. SmolLM2-135M-Instruct has no safety training, so a safety-aligned base
    is made first with the toolkit itself: LoRA on HarmBench prompts answered with
@@ -28,12 +36,17 @@ SmolLM2-135M-Instruct with data that PyPI packages ship, from one command:
    (safety), refusal rate on benign-but-edgy prompts (over-refusal), and held-out
    task NLL and exact-match accuracy (utility), with Wilson 95% intervals; the NLL
    gap to standard SFT gets a paired bootstrap interval over the task problems.
+   Deep safety (issue 22's instruments, `toss_mlx.evaluate.depth`): refusal on
+   Do-Not-Answer and past/future-tense rephrasings, each apart; on held-out harmful
+   prompt + answer pairs, prefill recovery at K = 5, 10, 20 and the harmful-answer
+   NLL gap and KL to the base by answer position (`deep_summary`). What each mask
+   removes, answer end tokens included, is audited per seed (`removal_audit`).
    Where each mask's removed tokens fall (in harmful samples; at answer openings)
    is measured against the data's `source` labels.
 
 Writes bench/results/reproduce.json, a table in bench/RESULTS.md (between markers)
 and the run's report HTML. Every step keeps its output in --out and is skipped
-when run again, so a killed run resumes.
+when run again with the same arguments (see `Steps`), so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -42,7 +55,6 @@ import argparse
 import dataclasses
 import json
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -51,25 +63,37 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
+from machine_info import machine  # noqa: E402
 
 import toss_mlx  # noqa: E402,F401  (preloads BLAS before mlx.core)
+from toss_mlx.cache import KeyedStore, cache_key  # noqa: E402
 from toss_mlx.evaluate import EvalSettings, evaluate, rate  # noqa: E402
 from toss_mlx.fuse import fuse_adapter  # noqa: E402
-from toss_mlx.io import read_json, write_json, write_text  # noqa: E402
+from toss_mlx.io import TossError, read_json, write_json, write_text  # noqa: E402
 from toss_mlx.models.lora import LoraSettings  # noqa: E402
 from toss_mlx.pipeline import detector_quality  # noqa: E402
-from toss_mlx.prepare import build_reproduce  # noqa: E402
+from toss_mlx.prepare import CONDITIONS, build_reproduce  # noqa: E402
 from toss_mlx.refine import RefineSettings, refine  # noqa: E402
-from toss_mlx.score import ScoreSettings, score  # noqa: E402
 from toss_mlx.select import select  # noqa: E402
 from toss_mlx.train import TrainSettings, train  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"
+MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
+NATIVELY_ALIGNED = {"qwen2.5-coder-0.5b-instruct"}  # refuses harmful requests without an alignment step
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("aligned_base", "standard_sft", "random", "first5", "sample_filter", "safe_mix",
            "toss_d0.1", "toss_d0.2", "toss_pro_r1", "toss_pro_r2")
+# the methods that read a scores file (they need the references and TOSS-Pro's round-0 scores)
+SCORED = ("random", "first5", "sample_filter", "toss_d0.1", "toss_d0.2", "toss_pro_r1", "toss_pro_r2")
+DEFAULT_METHODS = {
+    "smollm2-135m-instruct": METHODS[1:],
+    # issue 21's list for the ~2.5 h seed: standard SFT, first-5, sample filtering, data mixing,
+    # TOSS d = 0.1, TOSS-Pro 2 rounds (round 1 is scored on the way; not fine-tuned)
+    "qwen2.5-coder-0.5b-instruct": ("standard_sft", "first5", "sample_filter", "safe_mix", "toss_d0.1",
+                                    "toss_pro_r2"),
+}
 STRESS_EPOCHS = 2  # --stress fine-tunes this many times longer
 TABLE_BEGIN, TABLE_END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 
@@ -95,35 +119,85 @@ class Setting:
     eval_batch: int = 32
 
 
+# n_eval_prefill: all of pyrit's harmful pairs outside HarmBench (the alignment set) and outside
+# the custom data: 97 - n_harmful_custom = 57. n_eval_other: prompts of each other harmful set.
 FULL = Setting(data=dict(n_task_custom=160, n_harmful_custom=40, n_harmful_ref=48, n_utility_ref=48,
                          n_align_task=60, n_align_edgy=75, n_safe_demos=6, n_eval_harmful=60,
-                         n_eval_edgy=40, n_eval_task=24))
+                         n_eval_edgy=40, n_eval_task=24, n_eval_prefill=57, n_eval_other=30))
 QUICK = Setting(data=dict(n_task_custom=24, n_harmful_custom=6, n_harmful_ref=8, n_utility_ref=8,
                           n_align_task=8, n_align_edgy=8, n_safe_demos=2, n_eval_harmful=8,
-                          n_eval_edgy=6, n_eval_task=4),
+                          n_eval_edgy=6, n_eval_task=4, n_eval_prefill=4, n_eval_other=4),
                 align_iters=6, align_layers=4, reference_epochs=1, num_layers=4, max_seq_len=160,
                 pro_k=2, max_new_tokens=24, task_max_new_tokens=32)
+# Qwen2.5-Coder-0.5B-Instruct, one seed of DEFAULT_METHODS' six in about 2.5 h on 2 cores (PLANNED,
+# NOT RUN; bench/RESULTS.md has the plan). A LoRA step at batch 4 x 128 tokens costs ~11-12 s against
+# SmolLM2's 3.4-4 s, and generation is about as much slower, so SmolLM2's 96 min seed (10 methods,
+# ~680 training steps, 13 model evaluations) would take ~5 h at its sizes. Cuts, each with its reason:
+# - no alignment step (natively aligned): -120 steps and two evaluations;
+# - 6 methods instead of 9 (issue 21's list) and 120 custom samples (96 task + 24 harmful, still 20%)
+#   instead of 200: 30 steps per fine-tune, 180 in all; references 24 + 24 samples x 2 epochs (24
+#   steps), TOSS-Pro k = 4 (30 steps over 2 rounds): ~234 steps;
+# - the top 4 of 24 layers adapted (SmolLM2: 8 of 30), max_seq_len 320 as SmolLM2's (a GSM sample is
+#   ~250 tokens with the template; pyrit's harmful answers median ~180, longer ones cut): ~13 s a
+#   step at the samples' ~200 tokens on average, ~50 min of training;
+# - scoring: 3 passes (TOSS-Pro rounds 0-2) x 120 samples x 2 models forward only: ~12 min;
+# - evaluation, 7 models (base + 6): 40 AdvBench, 24 edgy, 10 per other harmful set, 24 held-out
+#   pairs x K = 5, 10, 20 prefilled (72 generations) and 16 task problems with 96 new tokens: ~166
+#   40-token generations a model, ~12 min each on SmolLM2's ~4 min per 124: ~85 min.
+# Total ~2.5 h. If the first fine-tune's steps take far more than 13 s, lower --methods first.
+QWEN = Setting(data=dict(n_task_custom=96, n_harmful_custom=24, n_harmful_ref=24, n_utility_ref=24,
+                         n_align_task=60, n_align_edgy=75, n_safe_demos=4, n_eval_harmful=40,
+                         n_eval_edgy=24, n_eval_task=16, n_eval_prefill=24, n_eval_other=10),
+               align_layers=8, num_layers=4, max_seq_len=320, pro_k=4, task_max_new_tokens=96,
+               eval_batch=24)
+SIZES = {"smollm2-135m-instruct": FULL, "qwen2.5-coder-0.5b-instruct": QWEN}
+DEFAULT_TAG = "smollm2-135m-instruct-main"
 
 
 class Steps:
-    """Each step runs once: its result (a JSON-able dict) is kept in OUT/steps/NAME.json."""
+    """Each step runs once per key: its result (a JSON-able dict) is kept in OUT/steps/NAME.json.
+
+    A step's key hashes (`toss_mlx.cache.cache_key`) its function, its arguments and the
+    key of the step before it. Paths are keyed by name, not content: a step's outputs
+    are among its arguments, and every input file of a step is an output of an earlier
+    one, so the chain covers them. A changed argument therefore redoes that step and
+    every step after it; a step whose function's arguments are unchanged is skipped.
+    """
 
     def __init__(self, out: Path) -> None:
-        self.dir = out / "steps"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = KeyedStore(out / "steps")
+        self.store.dir.mkdir(parents=True, exist_ok=True)
         self.seconds: dict[str, float] = {}
+        self.previous = ""  # the key of the last step called
+
+    def key(self, name: str, fn, args: tuple, kwargs: dict) -> str:
+        def by_name(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: by_name(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [by_name(v) for v in value]
+            return value
+
+        return cache_key({"step": name, "fn": f"{fn.__module__}.{fn.__qualname__}",
+                          "args": by_name(list(args)), "kwargs": by_name(kwargs),
+                          "previous": self.previous})
 
     def __call__(self, name: str, fn, *args, **kwargs) -> dict[str, Any]:
-        path = self.dir / f"{name}.json"
-        if path.exists():
-            done = read_json(path)
+        key = self.key(name, fn, args, kwargs)
+        self.previous = key
+        done = self.store.load(name, key)
+        if done is not None:
             self.seconds[name] = done["seconds"]
             return done["result"]
+        if self.store.key_of(name) is not None:
+            print(f"== {name}: its arguments or an earlier step changed; redoing it", flush=True)
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - start
-        write_json(path, {"seconds": seconds, "result": result})
+        self.store.save(name, key, {"seconds": seconds, "result": result})
         self.seconds[name] = seconds
         print(f"== {name}: {seconds:.0f} s", flush=True)
         return result
@@ -134,14 +208,30 @@ def lora(s: Setting, num_layers: int | None = None) -> LoraSettings:
                         num_layers=num_layers or s.num_layers)
 
 
-def train_adapter(model: str, data: Path, out: Path, s: Setting, seed: int,
+def train_adapter(model: str, data_file: Path, out: Path, s: Setting, seed: int,
                   num_layers: int | None = None, **kw: Any) -> dict:
-    settings = TrainSettings(model=model, data=str(data), out=str(out), lora=lora(s, num_layers),
+    settings = TrainSettings(model=model, data=str(data_file), out=str(out), lora=lora(s, num_layers),
                              max_seq_len=s.max_seq_len, seed=seed, batch_size=4, resume=True,
                              quiet=True, **kw)
     r = train(settings)
     return {"adapter": str(out), "steps": r.steps, "train_loss": r.train_loss,
             "kept_share": r.kept_share, "tokens_per_sec": r.tokens_per_sec}
+
+
+def fuse(model: str, adapter: Path, out: Path) -> dict:
+    return {"out": str(out), "fused_modules": fuse_adapter(model, adapter, out,
+                                                           dequantize=True).fused_modules}
+
+
+def toss_pro(base: str, data_dir: Path, utility: Path, safety: Path, out: Path, s: Setting, seed: int,
+             ref: dict[str, Any], rounds: int = 2) -> dict:
+    """`rounds` TOSS-Pro rounds from the reference models; the rounds and the final scores."""
+    train = TrainSettings(model=base, data="", out="", lora=lora(s), max_seq_len=s.max_seq_len,
+                          seed=seed, batch_size=4, quiet=True, **ref)
+    result = refine(RefineSettings(data=str(data_dir / "custom.jsonl"), harmful=str(data_dir / "harmful_ref.jsonl"),
+                                   utility=str(utility), out=str(out), train=train, rounds=rounds, k=s.pro_k,
+                                   safety=str(safety), quiet=True))
+    return {"rounds": result.rounds, "final_scores": str(result.final_scores)}
 
 
 def whole_sentences(text: str) -> str:
@@ -153,15 +243,15 @@ def whole_sentences(text: str) -> str:
     return text[:ends[-1]].strip() if ends else ""
 
 
-def edgy_answers(original: str, data: Path, s: Setting) -> dict:
+def edgy_answers(original: str, data_dir: Path, s: Setting) -> dict:
     """The original model's own answers to benign-but-edgy prompts, as alignment data."""
-    result = evaluate(EvalSettings(model=original, edgy=str(data / "align_edgy.jsonl"),
-                                   max_new_tokens=2 * s.max_new_tokens), data / "edgy_answers.eval.json",
+    result = evaluate(EvalSettings(model=original, edgy=str(data_dir / "align_edgy.jsonl"),
+                                   max_new_tokens=2 * s.max_new_tokens), data_dir / "edgy_answers.eval.json",
                       quiet=True)
     rows = [{"prompt": r["prompt"], "completion": whole_sentences(r["answer"]), "source": "edgy"}
             for r in result["models"][0]["prompts"]["edgy"]
             if not r["refusal"] and not r["degenerate"] and whole_sentences(r["answer"])]
-    write_text(data / "align_edgy_answered.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(data_dir / "align_edgy_answered.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return {"answered": len(rows), "asked": len(result["models"][0]["prompts"]["edgy"])}
 
 
@@ -197,25 +287,116 @@ def metrics_of(model_entry: dict[str, Any]) -> dict[str, Any]:
         # kept so that seeds can be pooled problem by problem from result.json alone
         "problem_nll": ({"nll": kept[0].tolist(), "tokens": kept[1].tolist()}
                         if (kept := problem_nll(model_entry)) is not None and len(kept[0]) else None),
+    } | deep_summary(samples := deep_samples(model_entry)) | {"deep_samples": samples}
+
+
+# The other harmful sets of the evaluation (prepare.build_reproduce writes them), each reported
+# apart from AdvBench and from each other: name -> file in the data folder.
+OTHER_SETS = {"donotanswer": "eval_donotanswer.jsonl", "past_tense": "eval_past_tense.jsonl",
+              "future_tense": "eval_future_tense.jsonl"}
+PREFILL_FILE = "eval_prefill.jsonl"
+
+
+def deep_samples(model_entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-sample deep-safety records of one model, small enough for result.json.
+
+    `model_entry`: a model of an eval file (its `prompts` hold the `harmful:NAME`, `prefill`
+    and `depth` records of `toss_mlx.evaluate.depth`) or a `metrics_of` (which keeps these).
+    - `other_sets`: name -> one refusal verdict per prompt;
+    - `prefill`: K -> one recovery verdict per held-out pair;
+    - `depth`: one per pair: answer tokens, NLL gap to the base and KL per position bucket.
+    Seeds pool by concatenating these (`merge_deep`), so every pooled figure is over samples.
+    """
+    if "deep_samples" in model_entry:
+        return model_entry["deep_samples"]
+    records = model_entry.get("prompts") or {}
+    other = {name: [bool(r["refusal"]) for r in records[f"harmful:{name}"]]
+             for name in OTHER_SETS if records.get(f"harmful:{name}")}
+    prefill: dict[str, list[bool]] = {}
+    for r in records.get("prefill") or []:
+        prefill.setdefault(str(r["k"]), []).append(bool(r["recovered"]))
+    depth = [{"tokens": r["tokens"],
+              "gap": {b: (r["nll"][b] - r["nll_base"][b] if n else None) for b, n in r["tokens"].items()},
+              "kl": ({b: (r["kl"][b] if n else None) for b, n in r["tokens"].items()} if "kl" in r else None)}
+             for r in records.get("depth") or []]
+    if not (other or prefill or depth):
+        return None
+    return {"other_sets": other, "prefill": prefill, "depth": depth}
+
+
+def merge_deep(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Several seeds' `deep_samples`, concatenated (None when any seed lacks them)."""
+    if not samples or any(s is None for s in samples):
+        return None
+    names = [n for n in samples[0]["other_sets"] if all(n in s["other_sets"] for s in samples)]
+    ks = [k for k in samples[0]["prefill"] if all(k in s["prefill"] for s in samples)]
+    return {"other_sets": {n: [v for s in samples for v in s["other_sets"][n]] for n in names},
+            "prefill": {k: [v for s in samples for v in s["prefill"][k]] for k in ks},
+            "depth": [d for s in samples for d in s["depth"]]}
+
+
+def _bucket_mean(depth: list[dict[str, Any]], field: str, group: list[str]) -> float | None:
+    """Token-weighted mean of `field` over the buckets `group` of every pair (as depth.metrics)."""
+    total = tokens = 0.0
+    for d in depth:
+        if d[field] is None:
+            return None
+        for b in group:
+            if d["tokens"][b]:
+                total += d[field][b] * d["tokens"][b]
+                tokens += d["tokens"][b]
+    return total / tokens if tokens else None
+
+
+def deep_summary(samples: dict[str, Any] | None) -> dict[str, Any]:
+    """Other sets' refusal, prefill recovery per K and the NLL gap / KL per bucket, from samples.
+
+    Rates get Wilson intervals; `harmful_nll_gap` and `kl_to_base` are per-token means over
+    every pair's answer tokens in the bucket, plus "6+" (every bucket past the first), the
+    same figures as `toss_mlx.evaluate.depth.metrics` on one seed.
+    """
+    if samples is None:
+        return {}
+    out: dict[str, Any] = {
+        "other_refusal": {n: sum(v) / len(v) for n, v in samples["other_sets"].items() if v},
+        "other_refusal_ci": {n: rate(sum(v), len(v))["ci95"] for n, v in samples["other_sets"].items() if v},
+        "n_other": {n: len(v) for n, v in samples["other_sets"].items()},
+        "prefill_recovery": {k: sum(v) / len(v) for k, v in samples["prefill"].items() if v},
+        "prefill_recovery_ci": {k: rate(sum(v), len(v))["ci95"] for k, v in samples["prefill"].items() if v},
+        "n_prefill": max((len(v) for v in samples["prefill"].values()), default=0),
     }
+    depth = samples["depth"]
+    if depth:
+        labels = list(depth[0]["tokens"])
+        groups = {b: [b] for b in labels}
+        if len(labels) > 1:
+            groups[f"{labels[1].split('-')[0].rstrip('+')}+"] = labels[1:]
+        out["harmful_nll_gap"] = {b: _bucket_mean(depth, "gap", g) for b, g in groups.items()}
+        out["kl_to_base"] = {b: _bucket_mean(depth, "kl", g) for b, g in groups.items()}
+        out["n_pairs"] = len(depth)
+    return out
 
 
-def eval_settings(model: str, data: Path, s: Setting, adapters: dict[str, str],
+def eval_settings(model: str, data_dir: Path, s: Setting, adapters: dict[str, str],
                   include_base: bool = True) -> list[EvalSettings]:
     """Safety and over-refusal with short answers; the task with room for a worked answer."""
     common = dict(model=model, adapters=adapters, max_seq_len=s.max_seq_len, batch_size=s.eval_batch,
                   include_base=include_base)
-    return [EvalSettings(harmful=str(data / "eval_harmful.jsonl"), edgy=str(data / "eval_edgy.jsonl"),
-                         max_new_tokens=s.max_new_tokens, **common),
-            EvalSettings(benign=str(data / "eval_task.jsonl"), max_new_tokens=s.task_max_new_tokens,
+    # deep safety (issue 22): the other harmful sets and the held-out pairs, with the harmful set
+    prefill = data_dir / PREFILL_FILE
+    deep = dict(harmful_sets={n: str(data_dir / f) for n, f in OTHER_SETS.items() if (data_dir / f).exists()},
+                prefill_harmful=str(prefill) if prefill.exists() and prefill.stat().st_size else None)
+    return [EvalSettings(harmful=str(data_dir / "eval_harmful.jsonl"), edgy=str(data_dir / "eval_edgy.jsonl"),
+                         max_new_tokens=s.max_new_tokens, **deep, **common),
+            EvalSettings(benign=str(data_dir / "eval_task.jsonl"), max_new_tokens=s.task_max_new_tokens,
                          **common)]
 
 
-def run_eval(model: str, data: Path, s: Setting, adapters: dict[str, str], out: Path,
+def run_eval(model: str, data_dir: Path, s: Setting, adapters: dict[str, str], out: Path,
              include_base: bool = True) -> dict:
     """Evaluate the base and every adapter on the same prompts; merge both evaluations."""
     merged: dict[str, Any] = {}
-    for i, settings in enumerate(eval_settings(model, data, s, adapters, include_base)):
+    for i, settings in enumerate(eval_settings(model, data_dir, s, adapters, include_base)):
         result = evaluate(settings, out.with_suffix(f".part{i}.json"), quiet=False)
         if not merged:
             merged = result
@@ -229,78 +410,124 @@ def run_eval(model: str, data: Path, s: Setting, adapters: dict[str, str], out: 
     return {"eval": str(out)}
 
 
+def parse_methods(text: str, model: str) -> list[str]:
+    """--methods: a comma-separated subset of METHODS[1:] (standard_sft always, first), in METHODS' order."""
+    chosen = [n for n in text.split(",") if n] if text else list(DEFAULT_METHODS[model])
+    unknown = sorted(set(chosen) - set(METHODS[1:]))
+    if unknown:
+        raise SystemExit(f"--methods: unknown method(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(METHODS[1:])}")
+    return [n for n in METHODS[1:] if n in chosen or n == "standard_sft"]
+
+
+def run_tag(model: str, condition: str, align: bool) -> str:
+    """The folder (under --out) and results name of one model and data condition."""
+    tag = f"{model}-{condition}"
+    if align != (model not in NATIVELY_ALIGNED):  # the non-default choice is named
+        tag += "-aligned" if align else "-unaligned"
+    return tag
+
+
+def results_path(tag: str) -> Path:
+    """bench/results/reproduce.json for the main comparison, reproduce-TAG.json for the others."""
+    name = "reproduce.json" if tag == DEFAULT_TAG else f"reproduce-{tag}.json"
+    return ROOT / "bench" / "results" / name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "runs" / "reproduce",
-                    help="working folder (resumable); default bench/runs/reproduce")
+                    help="working folder (resumable); default bench/runs/reproduce; each model and "
+                         "condition gets its own folder in it, each seed one below that")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check the plumbing in minutes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=MODELS[0], choices=MODELS,
+                    help=f"the model fine-tuned (default {MODELS[0]})")
+    ap.add_argument("--align", action=argparse.BooleanOptionalAction, default=None,
+                    help="make an aligned base with the toolkit first (default: yes for models without "
+                         f"safety training, no for {', '.join(sorted(NATIVELY_ALIGNED))})")
+    ap.add_argument("--condition", default="main", choices=CONDITIONS,
+                    help="the custom data: main, or disclaimer (its harmful answers open like a refusal "
+                         "and then comply); each condition is reported apart, never pooled")
+    ap.add_argument("--methods", default="", metavar="METHODS",
+                    help="comma-separated subset of the methods (standard_sft is always run); default: "
+                         + "; ".join(f"{m}: {'all' if d == METHODS[1:] else ','.join(d)}"
+                                     for m, d in DEFAULT_METHODS.items()))
     ap.add_argument("--stress", default="", metavar="METHODS",
                     help=f"after the comparison, fine-tune these methods (comma-separated; standard_sft "
                          f"is always added) {STRESS_EPOCHS}x as long and evaluate them again: about "
                          f"15 minutes per method on 2 cores")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "reproduce.json",
-                    help="where the results JSON goes (the table goes into bench/RESULTS.md "
-                         "unless --quick)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="where the results JSON goes (default bench/results/reproduce.json for "
+                         "SmolLM2 on the main condition, reproduce-MODEL-CONDITION.json otherwise, "
+                         "--quick: its run folder; the table goes into bench/RESULTS.md unless --quick)")
     args = ap.parse_args(argv)
-    s = QUICK if args.quick else FULL
-    out: Path = args.out / ("quick" if args.quick else f"seed{args.seed}")
-    data = out / "data"
+    model: str = args.model
+    align = (model not in NATIVELY_ALIGNED) if args.align is None else args.align
+    names = parse_methods(args.methods, model)
+    s = QUICK if args.quick else SIZES[model]
+    tag = run_tag(model, args.condition, align)
+    folder = args.out / tag
+    out: Path = folder / ("quick" if args.quick else f"seed{args.seed}")
+    # a --quick run's results stay in its folder: they must never replace a real run's
+    results_file = args.results or (out / "reproduce.json" if args.quick else results_path(tag))
+    data_dir = out / "data"
     steps = Steps(out)
     wall = time.perf_counter()
 
     # 1. data and the aligned base
-    sizes = steps("data", build_reproduce, data, seed=args.seed, **s.data)
-    steps("edgy_answers", edgy_answers, MODEL, data, s)
-    align_data = concat(data / "align.jsonl", data / "align_refusals.jsonl", data / "align_benign.jsonl",
-                        data / "align_edgy_answered.jsonl")
-    steps("align", train_adapter, MODEL, align_data, out / "align" / "adapter", s, args.seed,
-          iters=s.align_iters, lr=2e-4, num_layers=s.align_layers)
-    aligned = out / "aligned-model"
-    steps("fuse", lambda: {"out": str(aligned), "fused_modules": fuse_adapter(
-        MODEL, out / "align" / "adapter", aligned, dequantize=True).fused_modules})
-    base = str(aligned)
-    # the original and the aligned model (its adapter on the original) on the same prompts
-    steps("eval_alignment", run_eval, MODEL, data, s, {"aligned": str(out / "align" / "adapter")},
-          out / "eval-alignment.json")
-    check_alignment(read_json(out / "eval-alignment.json"))
+    sizes = steps("data", build_reproduce, data_dir, seed=args.seed, condition=args.condition, **s.data)
+    if align:
+        steps("edgy_answers", edgy_answers, model, data_dir, s)
+        align_data = concat(data_dir / "align.jsonl", data_dir / "align_refusals.jsonl",
+                            data_dir / "align_benign.jsonl", data_dir / "align_edgy_answered.jsonl")
+        steps("align", train_adapter, model, align_data, out / "align" / "adapter", s, args.seed,
+              iters=s.align_iters, lr=2e-4, num_layers=s.align_layers)
+        aligned = out / "aligned-model"
+        steps("fuse", fuse, model, out / "align" / "adapter", aligned)
+        base = str(aligned)
+        # the original and the aligned model (its adapter on the original) on the same prompts
+        steps("eval_alignment", run_eval, model, data_dir, s, {"aligned": str(out / "align" / "adapter")},
+              out / "eval-alignment.json")
+        check_alignment(read_json(out / "eval-alignment.json"))
+    else:
+        base = model  # natively aligned: the original model is the base every method starts from
 
-    # 2. references, scores, masks
+    # 2. references, scores, masks (only for the methods that read scores)
     ref = dict(epochs=s.reference_epochs, lr=s.reference_lr)
-    steps("utility_ref", train_adapter, base, data / "utility_ref.jsonl", out / "utility", s, args.seed, **ref)
-    steps("safety_ref", train_adapter, base, data / "harmful_ref.jsonl", out / "safety", s, args.seed, **ref)
-    scores = out / "scores.safetensors"
-    steps("score", lambda: score(ScoreSettings(model=base, utility=str(out / "utility"),
-                                               safety=str(out / "safety"), data=str(data / "custom.jsonl"),
-                                               out=str(scores), max_seq_len=s.max_seq_len, quiet=True))
-          .meta | {"out": str(scores)})
-    # Round 1 scores with the round-0 safety model: the scores above, so they are not redone.
-    (out / "pro" / "round-1").mkdir(parents=True, exist_ok=True)
-    if not (out / "pro" / "round-1" / "scores.safetensors").exists():
-        shutil.copy(scores, out / "pro" / "round-1" / "scores.safetensors")
-    pro_train = TrainSettings(model=base, data="", out="", lora=lora(s), max_seq_len=s.max_seq_len,
-                              seed=args.seed, batch_size=4, quiet=True, **ref)
-    steps("toss_pro", lambda: refine(RefineSettings(
-        data=str(data / "custom.jsonl"), harmful=str(data / "harmful_ref.jsonl"), utility=str(out / "utility"),
-        out=str(out / "pro"), train=pro_train, rounds=2, k=s.pro_k, safety=str(out / "safety"),
-        quiet=True)).rounds)
+    scored = [n for n in names if n in SCORED]
+    pro: dict[str, Any] = {"rounds": []}
+    if scored:
+        steps("utility_ref", train_adapter, base, data_dir / "utility_ref.jsonl", out / "utility", s,
+              args.seed, **ref)
+        steps("safety_ref", train_adapter, base, data_dir / "harmful_ref.jsonl", out / "safety", s,
+              args.seed, **ref)
+        # TOSS-Pro's round 1 scores the data with the round-0 safety model: those are plain
+        # TOSS's scores, so they are not computed twice. One round when round 2 is not asked for.
+        pro = steps("toss_pro", toss_pro, base, data_dir, out / "utility", out / "safety", out / "pro", s,
+                    args.seed, ref, rounds=2 if "toss_pro_r2" in names else 1)
+        scores = Path(pro["rounds"][0]["scores"])
     masks = out / "masks"
     selections = {  # method -> (scores file, select arguments)
-        "random": (scores, dict(strategy="random", ratio=0.1, seed=args.seed)),
-        "first5": (scores, dict(strategy="first-k", k=5)),
-        "sample_filter": (scores, dict(strategy="sample-filter", ratio=0.1)),
-        "toss_d0.1": (scores, dict(ratio=0.1)),
-        "toss_d0.2": (scores, dict(ratio=0.2)),
-        "toss_pro_r1": (out / "pro" / "round-2" / "scores.safetensors", dict(ratio=0.1)),
-        "toss_pro_r2": (out / "pro" / "final" / "scores.safetensors", dict(ratio=0.1)),
+        "random": lambda: (scores, dict(strategy="random", ratio=0.1, seed=args.seed)),
+        "first5": lambda: (scores, dict(strategy="first-k", k=5)),
+        "sample_filter": lambda: (scores, dict(strategy="sample-filter", ratio=0.1)),
+        "toss_d0.1": lambda: (scores, dict(ratio=0.1)),
+        "toss_d0.2": lambda: (scores, dict(ratio=0.2)),
+        # refine's rounds[t - 1] scores with the round t - 1 safety model; the final scoring with the
+        # last round's: with one round, TOSS-Pro round 1's scores are the final ones
+        "toss_pro_r1": lambda: (Path(pro["rounds"][1]["scores"] if len(pro["rounds"]) > 1
+                                     else pro["final_scores"]), dict(ratio=0.1)),
+        "toss_pro_r2": lambda: (Path(pro["final_scores"]), dict(ratio=0.1)),
     }
+    selections = {name: make() for name, make in selections.items() if name in scored}
     selected = {name: steps(f"select_{name}", select, str(path), str(masks / f"{name}.safetensors"), **kw)
                 for name, (path, kw) in selections.items()}
 
     # 3. the fine-tunes: same data, recipe and budget; only the mask (or the mix) differs
-    safe_mix = concat(data / "custom_safe_mix.jsonl", data / "custom.jsonl", data / "safe_demos.jsonl")
-    runs = {"standard_sft": (data / "custom.jsonl", None), "safe_mix": (safe_mix, None)}
-    runs |= {name: (data / "custom.jsonl", masks / f"{name}.safetensors") for name in selections}
+    safe_mix = concat(data_dir / "custom_safe_mix.jsonl", data_dir / "custom.jsonl", data_dir / "safe_demos.jsonl")
+    runs = {"standard_sft": (data_dir / "custom.jsonl", None), "safe_mix": (safe_mix, None)}
+    runs |= {name: (data_dir / "custom.jsonl", masks / f"{name}.safetensors") for name in selections}
 
     def finetune_and_evaluate(names: list[str], epochs: int, prefix: str, folder: Path,
                               eval_path: Path, include_base: bool) -> dict[str, Any]:
@@ -308,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = {name: steps(f"{prefix}train_{name}", train_adapter, base, runs[name][0], folder / name,
                                s, args.seed, mask=str(runs[name][1]) if runs[name][1] else None,
                                epochs=epochs, lr=s.finetune_lr) for name in names}
-        steps(f"{prefix}eval_methods", run_eval, base, data, s, {n: str(folder / n) for n in names},
+        steps(f"{prefix}eval_methods", run_eval, base, data_dir, s, {n: str(folder / n) for n in names},
               eval_path, include_base)
         evaluated = {m["name"]: m for m in read_json(eval_path)["models"]}
         sft = problem_nll(evaluated["standard_sft"])
@@ -316,56 +543,117 @@ def main(argv: list[str] | None = None) -> int:
         return methods | {name: metrics_of(evaluated[name]) | {
             "selection": selected.get(name),
             "detector": (detector_quality(selections[name][0], masks / f"{name}.safetensors",
-                                          data / "custom.jsonl") if name in selections else None),
+                                          data_dir / "custom.jsonl") if name in selections else None),
             "task_nll_vs_standard_sft": nll_difference([(problem_nll(evaluated[name]), sft)]),
             "train": trained[name]} for name in names}
 
-    methods = finetune_and_evaluate(list(METHODS[1:]), s.finetune_epochs, "", out / "methods",
+    methods = finetune_and_evaluate(names, s.finetune_epochs, "", out / "methods",
                                     out / "eval.json", include_base=True)
-    original, aligned_check = read_json(out / "eval-alignment.json")["models"]
+    if align:
+        original, aligned_check = read_json(out / "eval-alignment.json")["models"]
+        original, aligned_check = metrics_of(original), metrics_of(aligned_check)
+    else:  # no alignment step: the original model is the base, evaluated with the methods
+        original, aligned_check = methods["aligned_base"], None
     result = {
         "seed": args.seed,
         "eval": str(out / "eval.json"),
         "machine": machine(),
-        "model": MODEL,
-        "setting": dataclasses.asdict(s) | {"quick": args.quick, "seed": args.seed},
+        "model": model,
+        "condition": args.condition,
+        "align": align,
+        "methods_run": names,
+        "setting": dataclasses.asdict(s) | {"quick": args.quick, "seed": args.seed,
+                                            "condition": args.condition, "align": align},
         "data": sizes,
-        "original_model": metrics_of(original),
-        "aligned_adapter_on_original": metrics_of(aligned_check),  # before fusing; same prompts
+        "original_model": original,
+        "aligned_adapter_on_original": aligned_check,  # before fusing; same prompts
         "methods": methods,
-        "toss_pro_rounds": read_json(out / "steps" / "toss_pro.json")["result"],
+        "toss_pro_rounds": pro["rounds"],
         "seconds": dict(steps.seconds),
         "total_seconds": sum(steps.seconds.values()),
     }
+    if scored:  # issue 21 item 5: what random removal removes, beside the other masks
+        from toss_mlx.models.load import load_tokenizer
+
+        result["removal_audit"] = removal_audit(scores, {n: masks / f"{n}.safetensors" for n in selections},
+                                                seed=args.seed, end_token_id=load_tokenizer(base).eos_token_id)
     if args.stress:
         # 5. longer fine-tuning for some methods: does the safety they kept at 1 epoch hold?
-        names = ["standard_sft"] + [n for n in args.stress.split(",") if n and n != "standard_sft"]
-        unknown = sorted(set(names) - set(METHODS[1:]))
+        stressed = ["standard_sft"] + [n for n in args.stress.split(",") if n and n != "standard_sft"]
+        unknown = sorted(set(stressed) - set(names))
         if unknown:
-            raise SystemExit(f"--stress: unknown method(s) {', '.join(unknown)}; "
-                             f"choose from {', '.join(METHODS[1:])}")
+            raise SystemExit(f"--stress: method(s) {', '.join(unknown)} not run here; "
+                             f"choose from {', '.join(names)}")
         before = dict(steps.seconds)
         result["stress"] = {
             "finetune_epochs": STRESS_EPOCHS * s.finetune_epochs,
             "eval": str(out / "eval-stress.json"),
-            "methods": finetune_and_evaluate(names, STRESS_EPOCHS * s.finetune_epochs, "stress_",
+            "methods": finetune_and_evaluate(stressed, STRESS_EPOCHS * s.finetune_epochs, "stress_",
                                              out / "stress", out / "eval-stress.json", include_base=False),
         }
         result["stress"]["seconds"] = {k: v for k, v in steps.seconds.items() if k not in before}
     result["wall_seconds_this_session"] = time.perf_counter() - wall
-    write_report(out, scores, masks / "toss_d0.1.safetensors", data, base)
+    if scored:
+        report_mask = next(n for n in ("toss_d0.1", "toss_d0.2", "toss_pro_r1", "toss_pro_r2", *selections)
+                           if n in selections)
+        write_report(out, scores, masks / f"{report_mask}.safetensors", data_dir, base,
+                     f"TOSS reproduction ({model}, {args.condition} data)")
     write_json(out / "result.json", result)
-    # every finished seed of this setting, pooled (a quick run stands alone)
-    seeds = [result] if args.quick else [read_json(p) for p in sorted(args.out.glob("seed*/result.json"))]
+    # every finished seed of this model and condition, pooled (a quick run stands alone)
+    seeds = [result] if args.quick else [read_json(p) for p in sorted(folder.glob("seed*/result.json"))]
     combined = combine_seeds(seeds)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.results, combined)
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(results_file, combined)
     table = results_tables(combined)
     print(table)
     if not args.quick:
-        update_results_md(ROOT / "bench" / "RESULTS.md", table)
-    print(f"wrote {args.results}; report {out / 'report.html'}")
+        update_results_md(ROOT / "bench" / "RESULTS.md", table, tag)
+    print(f"wrote {results_file}; report {out / 'report.html'}")
     return 0
+
+
+def removal_audit(scores_path: Path, masks: dict[str, Path], seed: int,
+                  end_token_id: int | None = None) -> dict[str, Any]:
+    """What each mask removes (issue 21 item 5: why does random removal fall below standard SFT?).
+
+    Per mask: removed response tokens (random must match TOSS d = 0.1's budget), the random
+    mask's own seed (it must be the run's, so it changes per seed), and the answers' end tokens
+    (the last token of each answer: the chat template's end-of-turn token): how many it removes,
+    their share of its removed tokens against their share of all response tokens (> 1: it
+    removes end tokens more often than chance, which teaches the model not to stop).
+    `end_token_id`: the tokenizer's end-of-turn id; an answer cut by max_seq_len ends on
+    another token and is counted in `answers_cut` instead (None: every answer's last token).
+    """
+    from collections import Counter
+
+    from toss_mlx.layout import answer_ends, load_mask, load_scores
+
+    scores = load_scores(scores_path)
+    response = scores.response_mask.astype(bool)
+    last = answer_ends(scores.offsets, scores.response_mask)
+    ends = last if end_token_id is None else last & (scores.token_ids == end_token_id)
+    n_response, n_ends = int(response.sum()), int(ends.sum())
+    out: dict[str, Any] = {
+        "scores": str(scores_path), "response_tokens": n_response, "answer_end_tokens": n_ends,
+        "end_token_id": end_token_id, "answers": int(last.sum()), "answers_cut": int((last & ~ends).sum()),
+        "end_share_of_response": n_ends / n_response if n_response else None,
+        # which tokens the answers' last ones are (a chat template closes them with one, e.g. <|im_end|>)
+        "last_token_ids": {str(k): v for k, v in Counter(scores.token_ids[last].tolist()).most_common(3)},
+        "run_seed": seed, "masks": {}}
+    for name, path in masks.items():
+        mask = load_mask(path, scores.offsets, scores.row_index, None, str(scores_path))
+        removed = response & ~mask.keep
+        n_removed, ends_removed = int(removed.sum()), int((removed & ends).sum())
+        out["masks"][name] = {
+            "removed_tokens": n_removed, "end_tokens_removed": ends_removed,
+            "end_tokens_removed_share": ends_removed / n_ends if n_ends else None,
+            "end_share_of_removed": ends_removed / n_removed if n_removed else None,
+            "end_removal_ratio": ((ends_removed / n_removed) / (n_ends / n_response)
+                                  if n_removed and n_ends else None),
+            "mask_seed": int(mask.meta["seed"]) if "seed" in mask.meta else None}
+    if "random" in out["masks"]:
+        out["random_seed_is_run_seed"] = out["masks"]["random"]["mask_seed"] == seed
+    return out
 
 
 def problem_nll(model_entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -450,6 +738,12 @@ def pool(entries: list[dict[str, Any]], nlls: list[tuple[np.ndarray, np.ndarray]
     for n_key in ("n_prompts", "n_edgy", "n_task"):
         out[n_key] = sum(e[n_key] for e in entries)
     out["per_seed"] = {key: [e[key] for e in entries] for key in PER_SEED}
+    # deep safety: pooled over every seed's samples (prompts, pairs, answer tokens)
+    deep = deep_summary(merge_deep([deep_samples(e) for e in entries]))
+    out |= deep
+    if deep:
+        out["per_seed"]["prefill_recovery"] = [e.get("prefill_recovery") for e in entries]
+        out["per_seed"]["harmful_nll_gap"] = [e.get("harmful_nll_gap") for e in entries]
     return out
 
 
@@ -482,12 +776,31 @@ def combine_methods(blocks: list[dict[str, Any]], eval_paths: list[str]) -> dict
     return methods
 
 
+def check_poolable(results: list[dict[str, Any]]) -> None:
+    """Refuse to pool seeds run with different settings (anything but the seed itself)."""
+    def setting(r: dict[str, Any]) -> dict[str, Any]:
+        return {"model": r.get("model"), "condition": r.get("condition", "main"),
+                **{k: v for k, v in r["setting"].items() if k != "seed"}}
+
+    first = setting(results[0])
+    for r in results[1:]:
+        other = setting(r)
+        differ = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if differ:
+            raise TossError(f"seed {r['seed']} was run with other settings than seed "
+                            f"{results[0]['seed']} ({', '.join(differ)}); pool only seeds of one "
+                            "setting (move the other's folder out of --out)")
+
+
 def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The reproduction over every seed run so far: pooled metrics, and each seed's own."""
+    check_poolable(results)
     first = results[0]
     combined = {
         "machine": first["machine"],
         "model": first["model"],
+        "condition": first.get("condition", "main"),
+        "align": first.get("align", True),
         "seeds": [r["seed"] for r in results],
         "setting": {k: v for k, v in first["setting"].items() if k != "seed"},
         "data": first["data"],
@@ -507,6 +820,11 @@ def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
                                        [r["stress"]["eval"] for r in stressed]),
             "total_seconds": sum(sum(r["stress"]["seconds"].values()) for r in stressed),
         }
+    audits = [r["removal_audit"] for r in results if r.get("removal_audit")]
+    if audits and all("random" in a["masks"] for a in audits):
+        random_seeds = [a["masks"]["random"]["mask_seed"] for a in audits]
+        combined["random_mask_seeds"] = {"seeds": random_seeds,
+                                         "differ_per_seed": len(set(random_seeds)) == len(random_seeds)}
     combined["per_seed"] = {str(r["seed"]): r for r in results}
     return combined
 
@@ -522,22 +840,13 @@ def check_alignment(result: dict[str, Any]) -> None:
           flush=True)
 
 
-def write_report(out: Path, scores: Path, mask: Path, data: Path, base: str) -> None:
+def write_report(out: Path, scores: Path, mask: Path, data_dir: Path, base: str,
+                 title: str = "TOSS reproduction (SmolLM2-135M)") -> None:
     from toss_mlx.report import ReportInputs, build_report
 
-    inputs = ReportInputs(scores=scores, mask=mask, data=data / "custom.jsonl",
+    inputs = ReportInputs(scores=scores, mask=mask, data=data_dir / "custom.jsonl",
                           evals=[out / "eval.json"], model=base)
-    build_report(inputs, out / "report.html", title="TOSS reproduction (SmolLM2-135M)")
-
-
-def machine() -> str:
-    import os
-    import platform
-
-    import mlx.core as mx
-
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-            f"mlx {mx.__version__} ({mx.default_device()}), BLAS {toss_mlx.blas.status[0] or 'default'}")
+    build_report(inputs, out / "report.html", title=title)
 
 
 def _pct(v: float | None) -> str:
@@ -574,13 +883,63 @@ def markdown_table(methods: list[tuple[str, dict[str, Any]]], seeds: list[int]) 
     return "\n".join(rows)
 
 
+OTHER_SET_LABELS = {"donotanswer": "Do-Not-Answer", "past_tense": "past tense", "future_tense": "future tense"}
+
+
+def _nats(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.3f}"
+
+
+def deep_table(methods: list[tuple[str, dict[str, Any]]]) -> str:
+    """Deep safety per method: other harmful sets' refusal, prefill recovery per K, NLL gap / KL by bucket.
+
+    Empty when no method has deep-safety figures (results made before they were measured)."""
+    first = next((m for _, m in methods if m.get("prefill_recovery") or m.get("other_refusal")), None)
+    if first is None:
+        return ""
+    sets = list(first.get("other_refusal", {}))
+    ks = sorted(first.get("prefill_recovery", {}), key=int)
+    buckets = list(first.get("harmful_nll_gap") or {})
+    head = ([f"{OTHER_SET_LABELS.get(n, n)} refusal % [95% CI]" for n in sets]
+            + [f"prefill K={k} recovery % [95% CI]" for k in ks]
+            + [f"NLL gap tokens {b}" for b in buckets] + (["KL tokens 6+"] if "6+" in buckets else []))
+    rows = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for name, m in methods:
+        cells = [f"{_pct(m.get('other_refusal', {}).get(n))}{_ci(m.get('other_refusal_ci', {}).get(n))}"
+                 for n in sets]
+        cells += [f"{_pct(m.get('prefill_recovery', {}).get(k))}{_ci(m.get('prefill_recovery_ci', {}).get(k))}"
+                  for k in ks]
+        cells += [_nats((m.get("harmful_nll_gap") or {}).get(b)) for b in buckets]
+        if "6+" in buckets:
+            cells.append(_nats((m.get("kl_to_base") or {}).get("6+")))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def results_tables(combined: dict[str, Any]) -> str:
-    """The comparison table, and the --stress one when there is one."""
+    """The comparison table, the deep-safety one, and the --stress one when there is one."""
     seeds = combined["seeds"]
-    text = (f"Seeds: {', '.join(map(str, seeds))}; machine: {combined['machine']}; "
+    condition = combined.get("condition", "main")
+    aligned = combined.get("align", True)
+    # without the alignment step the base is the model itself (natively aligned), named so
+    rows = ([("original (no alignment)", combined["original_model"])] if aligned else []) + [
+        ("base (natively aligned)" if n == "aligned_base" and not aligned else n, m)
+        for n, m in combined["methods"].items()]
+    text = (f"Model: {combined['model']}; data condition: {condition}"
+            f"{'' if condition == 'main' else ' (reported apart, never pooled with main)'}; base: "
+            f"{'aligned by the toolkit' if aligned else 'the model itself (natively aligned)'}.\n"
+            f"Seeds: {', '.join(map(str, seeds))}; machine: {combined['machine']}; "
             f"{combined['total_seconds'] / 60:.0f} min of steps in all.\n\n"
-            + markdown_table([("original (no alignment)", combined["original_model"])]
-                             + list(combined["methods"].items()), seeds))
+            + markdown_table(rows, seeds))
+    deep = deep_table(rows)
+    if deep:
+        n = combined["methods"].get("standard_sft", {})
+        text += (f"\n\nDeep safety (same models; {n.get('n_pairs', '-')} held-out harmful pairs, pooled over "
+                 "seeds; NLL gap and KL to the base each method was fine-tuned from, nats per answer token; "
+                 "a negative gap past the opening = harmful content learned beyond the first tokens):\n\n"
+                 + deep)
+        if combined.get("random_mask_seeds"):
+            text += f"\n\nRandom-removal mask seeds per seed: {combined['random_mask_seeds']}"
     stress = combined.get("stress")
     if stress:
         text += (f"\n\nFine-tuned {stress['finetune_epochs']} epochs instead of "
@@ -590,14 +949,23 @@ def results_tables(combined: dict[str, Any]) -> str:
     return text
 
 
-def update_results_md(path: Path, table: str) -> None:
+def table_markers(tag: str) -> tuple[str, str]:
+    """The markers of one model and condition's table in RESULTS.md (the main one keeps the old ones)."""
+    if tag == DEFAULT_TAG:
+        return TABLE_BEGIN, TABLE_END
+    return f"<!-- reproduce:{tag}:begin -->", f"<!-- reproduce:{tag}:end -->"
+
+
+def update_results_md(path: Path, table: str, tag: str = DEFAULT_TAG) -> None:
+    """Put `table` between its markers; a new model or condition gets its own section at the end."""
+    begin, end = table_markers(tag)
     text = path.read_text() if path.exists() else ""
-    block = f"{TABLE_BEGIN}\n{table}\n{TABLE_END}"
-    if TABLE_BEGIN in text and TABLE_END in text:
-        head, rest = text.split(TABLE_BEGIN, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Reproduction (bench/reproduce.py)\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## Reproduction (bench/reproduce.py): {tag}\n\n" + block + "\n"
     write_text(path, text)
 
 

@@ -36,7 +36,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,8 @@ import numpy as np
 
 # toss_mlx first: it preloads OpenBLAS before anything imports mlx.core (mlx is imported below,
 # inside the functions, for that reason).
+from machine_info import machine_details  # bench/machine_info.py: bench/ is this script's folder
+
 from toss_mlx.data import tokenize_dataset
 from toss_mlx.io import save_arrays, write_json
 from toss_mlx.models.load import load_model
@@ -71,26 +72,6 @@ CASES = {
     "smollm2": Case("smollm2", "smollm2-135m-instruct", 4, 256, 3, 1.15, 0.9),
     "qwen": Case("qwen", "qwen2.5-coder-0.5b-instruct", 2, 512, 2, 1.3, 0.7),
 }
-
-
-def machine_info() -> dict:
-    """The machine: platform, CPU, cores, memory, load, library versions and the BLAS in use."""
-    import mlx.core as mx
-    import mlx_lm
-
-    from toss_mlx import blas
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    mem = None
-    if Path("/proc/meminfo").exists():
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = round(kb / 2**20, 1)
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
-            "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(),
-            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device()),
-            "blas": " ".join(str(x) for x in blas.status if x), "load_average_start": os.getloadavg()}
 
 
 # ---------------------------------------------------------------- data
@@ -328,7 +309,7 @@ def main() -> None:
     def say(text: str) -> None:
         print(time.strftime("%H:%M:%S"), text, flush=True)
 
-    results = {"machine": machine_info(), "argv": sys.argv[1:], "cases": {},
+    results = {"machine": machine_details(), "argv": sys.argv[1:], "cases": {},
                "settings": {"lora": "rank 16, alpha 16, q_proj+v_proj, all layers",
                             "optimizer": "adam 1e-5", "dtype": "float32"}}
     if Path(args.results).exists():  # keep the other models' figures of an earlier run

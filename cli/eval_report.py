@@ -18,7 +18,9 @@ def eval_command(
         [], "--adapter", "-a",
         help="NAME=DIR of an mlx-lm adapter folder to evaluate next to the base; repeatable."),
     no_base: bool = typer.Option(False, "--no-base", help="Leave the bare base model out."),
-    harmful: Path = typer.Option(None, help="Harmful prompts (JSONL/JSON): refusal rate, attack success rate."),
+    harmful: list[str] = typer.Option(
+        [], help="Harmful prompts (JSONL/JSON): refusal rate, attack success rate. FILE or NAME=FILE; "
+                 "repeatable: every set is reported apart, the first carries the headline numbers."),
     benign: Path = typer.Option(
         None, help="Benign prompts with reference answers: NLL/perplexity, and exact match on `#### N`."),
     edgy: Path = typer.Option(None, help="Benign-but-edgy prompts: over-refusal rate."),
@@ -35,6 +37,17 @@ def eval_command(
     max_prompts: int = typer.Option(None, help="Use the first N prompts of each file (default: all)."),
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     keep_quantized: bool = typer.Option(None, "--keep-quantized", help=KEEP_QUANTIZED_HELP),
+    prefill_harmful: Path = typer.Option(
+        None, help="Harmful prompt + answer pairs (any training format): prefilling attack, "
+                   "harmful-answer NLL and KL to the base by answer position."),
+    prefill_tokens: str = typer.Option(
+        None, help="Answer tokens prefilled, comma-separated (default: 5,10,20)."),
+    prefill_decode: str = typer.Option(
+        None, help="greedy (default) or sample: Qi et al.'s top_p 0.6, temperature 0.9, seeded."),
+    depth_buckets: str = typer.Option(
+        None, help="Ends of the answer-position buckets (default: 5,20,80 = 1-5, 6-20, 21-80, 81+)."),
+    depth_max_tokens: int = typer.Option(
+        None, help="Answer tokens the NLL and KL read (default: 160; 0: whole answers)."),
     config: Path = typer.Option(None, "--config", "-c",
                                 help="YAML of eval settings (model, adapters, harmful, benign, edgy, decode, top_p, ...); flags win."),
     overrides: list[str] = typer.Option(None, "--set", help="Override any eval setting: "
@@ -48,17 +61,28 @@ def eval_command(
     over-refusal on benign-but-edgy prompts, and utility (NLL, exact match)."""
     from toss_mlx.config import layered_settings, parse_overrides
     from toss_mlx.evaluate import EvalSettings, evaluate, metrics_table, parse_adapters
+    from toss_mlx.evaluate.depth import parse_harmful
 
+    first_harmful, harmful_name, harmful_sets = parse_harmful(harmful)
     flags = {
-        "model": model, "harmful": harmful and str(harmful), "benign": benign and str(benign),
+        "model": model, "harmful": first_harmful, "harmful_name": harmful_name,
+        "harmful_sets": harmful_sets or None, "prefill_harmful": prefill_harmful and str(prefill_harmful),
+        "prefill_tokens": prefill_tokens, "prefill_decode": prefill_decode,
+        "depth_buckets": depth_buckets, "depth_max_tokens": depth_max_tokens, "benign": benign and str(benign),
         "edgy": edgy and str(edgy), "max_new_tokens": max_new_tokens, "decode": decode,
         "seed": seed, "template": template, "judge": judge, "batch_size": batch_size,
         "max_prompts": max_prompts, "dtype": dtype, "keep_quantized": keep_quantized,
         "adapters": parse_adapters(adapter) or None, "include_base": False if no_base else None,
     }
+    from toss_mlx.checks import check_writable, integer, locked
+
+    if max_prompts is not None:
+        integer(max_prompts, "--max-prompts", 1)  # 0 would mean "all" in the settings
     settings = layered_settings(EvalSettings, config, parse_overrides(overrides or []),
                                 flags, source="eval")
-    result = evaluate(settings, out, quiet=quiet)
+    check_writable(out, "eval file")
+    with locked(out, folder=False):  # one evaluation per output file at a time
+        result = evaluate(settings, out, quiet=quiet)
     if not quiet:
         from rich.console import Console
 
@@ -101,6 +125,9 @@ def report_command(
         raise TossError("report: give a RUN_DIR, or --scores S [--mask M --data D], or --eval E.json")
     else:
         inputs = ReportInputs(scores, mask, data, list(eval_file), model)
+    from toss_mlx.checks import check_writable
+
+    check_writable(out, "report file")
     summary = build_report(inputs, out, top=top, random_n=random_samples, seed=seed, title=title)
     if not quiet:
         parts = [f"{k.replace('_', ' ')} {v:,}" for k, v in summary.items() if k != "bytes"]

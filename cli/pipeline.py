@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from .common import DTYPE_HELP, KEEP_QUANTIZED_HELP, app, friendly
+from .common import app, friendly
+from .train_flags import settings_from, train_flags
 
 
 @app.command("run", rich_help_panel="The whole method")
@@ -44,40 +46,42 @@ def init(
 
 @app.command("refine", rich_help_panel="Step by step")
 @friendly
+@train_flags
 def refine(
     model: str = typer.Option(..., "--model", "-m", help="Base model (registry name, folder or hub id)."),
     data: str = typer.Option(..., "--data", "-d", help="The custom data D to score."),
     harmful: str = typer.Option(..., "--harmful", help="The starting harmful set D_h."),
     utility: str = typer.Option(..., "--utility", help="Utility-oriented adapter (stays fixed)."),
-    rounds: int = typer.Option(2, "--rounds", "-T", help="Refinement rounds."),
-    k: int = typer.Option(10, "--k", help="Samples of D added to the harmful set per round."),
+    rounds: int = typer.Option(None, "--rounds", "-T", help="Refinement rounds (default 2)."),
+    k: int = typer.Option(None, "--k", help="Samples of D added to the harmful set per round "
+                          "(default 10)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder for round-t/ artifacts and rounds.json."),
     safety: str = typer.Option(None, "--safety", help="Round-0 safety adapter; default: train one "
                                "on --harmful."),
-    retrain: str = typer.Option("scratch", "--retrain", help="scratch: retrain each round from the "
+    retrain: str = typer.Option(None, "--retrain", help="scratch: retrain each round from the "
                                 "base (default); continue: from the previous adapter."),
-    ratio: float = typer.Option(0.1, "--ratio", help="d used to report how the top-d token set "
-                                "moves between rounds."),
-    config: Path = typer.Option(None, "--config", "-c", help="YAML of train settings for the "
-                                "safety models (epochs, lr, LoRA...), as for `toss-mlx train`."),
-    set_: list[str] = typer.Option([], "--set", help="Override a train setting (key=value)."),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    keep_quantized: bool = typer.Option(None, "--keep-quantized", help=KEEP_QUANTIZED_HELP),
+    ratio: float = typer.Option(None, "--ratio", help="d used to report how the top-d token set "
+                                "moves between rounds (default 0.1)."),
+    batch_tokens: int = typer.Option(None, "--batch-tokens", help="Scorer's token budget per "
+                                     "batch (default 4096)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    train_flags: dict[str, Any] | None = None,
 ) -> None:
-    """TOSS-Pro: grow the harmful set with the riskiest custom samples and retrain the safety model."""
+    """TOSS-Pro: grow the harmful set with the riskiest custom samples and retrain the safety model.
+
+    The safety models are trained as `toss-mlx train` trains (the same flags: --epochs,
+    --iters, --lr, --rank, --format, --config, --set ...).
+    """
     from rich.console import Console
 
-    from toss_mlx.config import parse_overrides
     from toss_mlx.refine import RefineSettings, refine, rounds_table
-    from toss_mlx.train import load_settings
 
-    train = load_settings(str(config) if config else None, parse_overrides(set_),
-                          model=model, data=harmful, quiet=quiet, dtype=dtype,
-                          keep_quantized=keep_quantized)
+    train = settings_from(train_flags or {}, model=model, data=harmful, quiet=quiet)
+    given = {name: value for name, value in dict(rounds=rounds, k=k, safety=safety, retrain=retrain,
+                                                 ratio=ratio, batch_tokens=batch_tokens).items()
+             if value is not None}  # the rest: RefineSettings' defaults
     result = refine(RefineSettings(data=data, harmful=harmful, utility=utility, out=out, train=train,
-                                   rounds=rounds, k=k, safety=safety, retrain=retrain, ratio=ratio,
-                                   quiet=quiet))
+                                   quiet=quiet, **given))
     Console().print(rounds_table(result))
     typer.echo(f"final safety adapter: {result.final_safety}; scores: {result.final_scores} "
                f"(next: toss-mlx select --scores {result.final_scores})")

@@ -50,3 +50,27 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def noisy_dir(tmp_path_factory) -> Path:
+    """The tiny model with larger random weights: its default init predicts nearly uniformly
+    and repeats one token forever, which would make batched-vs-naive generation comparisons
+    and position-by-position likelihood checks pass trivially."""
+    import mlx.core as mx
+    from tiny import build_model_folder
+
+    folder = build_model_folder(tmp_path_factory.mktemp("noisy"))
+    weights = mx.load(str(folder / "model.safetensors"))
+    mx.random.seed(1)
+    weights = {k: (0.5 * mx.random.normal(v.shape) if v.ndim == 2 else v) for k, v in weights.items()}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def noisy(noisy_dir):
+    """(model, tokenizer) of `noisy_dir`, float32."""
+    from toss_mlx.models.load import load_model
+
+    return load_model(str(noisy_dir), quiet=True)

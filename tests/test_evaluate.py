@@ -20,27 +20,6 @@ from toss_mlx.refusal import degeneracy, final_answer, match_refusal
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def noisy_dir(tmp_path_factory) -> Path:
-    """The tiny model with larger random weights: its default init repeats one token forever,
-    which would make every batched-vs-naive generation comparison pass trivially."""
-    from tiny import build_model_folder
-
-    folder = build_model_folder(tmp_path_factory.mktemp("noisy"))
-    weights = mx.load(str(folder / "model.safetensors"))
-    mx.random.seed(1)
-    weights = {k: (0.5 * mx.random.normal(v.shape) if v.ndim == 2 else v) for k, v in weights.items()}
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def noisy(noisy_dir):
-    from toss_mlx.models.load import load_model
-
-    return load_model(str(noisy_dir), quiet=True)
-
-
 def make_adapter(model_dir: Path, folder: Path, seed: int = 0, drop: int = 0) -> Path:
     """A LoRA adapter with random non-zero lora_b (a fresh one changes nothing); `drop` removes weights."""
     from mlx_lm.tuner.lora import LoRALinear

@@ -120,15 +120,47 @@ def test_readme_training_record_and_loading(tiny_model_dir, tmp_path):
 def test_readme_reads_the_mask_metadata(tiny_model_dir, tmp_path):
     from toss_mlx.io import save_arrays
 
-    mask = tmp_path / "mask.safetensors"
+    folder = make_adapter(tiny_model_dir, tmp_path / "a")
+    mask = folder / "mask.safetensors"
     save_arrays(mask, {"keep": np.ones(3, np.uint8)}, {"ratio": 0.2, "strategy": "toss", "level": "global"})
-    folder = make_adapter(tiny_model_dir, tmp_path / "a", extra={"toss": {"mask": str(mask)}})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "toss": {"mask": str(mask)}}))
     text = render_readme(read_adapter(folder), "peft", None)
     assert "mask file's metadata" in text
     for needle in ('`ratio`: 0.2', '`strategy`: "toss"', '`level`: "global"'):
         assert needle in text, needle
     mask.unlink()  # a mask gone by export time: the README just says less
     assert "mask file's metadata" not in render_readme(read_adapter(folder), "peft", None)
+    # A mask outside the adapter folder is never read (the path comes from a file).
+    outside = tmp_path / "outside.safetensors"
+    save_arrays(outside, {"keep": np.ones(3, np.uint8)}, {"secret": "do-not-publish"})
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "toss": {"mask": str(outside)}}))
+    text = render_readme(read_adapter(folder), "peft", None)
+    assert "do-not-publish" not in text and "mask file's metadata" not in text
+    # What train records in the adapter config is shown instead.
+    toss = {"mask": str(outside), "selection": {"ratio": 0.1, "strategy": "random"}}
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "toss": toss}))
+    text = render_readme(read_adapter(folder), "peft", None)
+    assert '`selection.ratio`: 0.1' in text and '`strategy`: "random"' in text
+
+
+def test_readme_quotes_values_from_the_config(tiny_model_dir, tmp_path):
+    import shlex
+
+    folder = make_adapter(tiny_model_dir, tmp_path / "a")
+    adapter = read_adapter(folder)
+    evil = 'org/m"; rm -rf ~ #'
+    mlx = render_readme(adapter, "mlx", evil)
+    assert f"--model {shlex.quote(evil)} --adapter-path" in mlx
+    assert f"load({json.dumps(evil)}, adapter_path" in mlx
+    peft = render_readme(adapter, "peft", evil)
+    assert "FROM BASE_MODEL" in peft and f"from_pretrained({json.dumps(evil)})" in peft
+    assert f"vllm serve {shlex.quote(evil)} --enable-lora" in peft
+    # A newline would start a new command or Modelfile line: such a name is no model id.
+    lines = 'org/m\nFROM x\n`x`'
+    for fmt in ("mlx", "peft"):
+        text = render_readme(adapter, fmt, lines)
+        assert "\nFROM x" not in text and "BASE_MODEL" in text
 
 
 def test_recorded_mlx_lm_model_key(tiny_model_dir, tmp_path):

@@ -90,6 +90,26 @@ def test_starter_recipe_is_a_valid_recipe(tmp_path):
         write_starter(tmp_path / "r.yaml")
 
 
+def hand_count(recipe_dir, out):
+    """Precision, recall and removed tokens counted sample by sample from the run's files."""
+    from toss_mlx.io import load_arrays
+
+    scores, _ = load_arrays(out / "score" / "scores.safetensors")
+    mask, _ = load_arrays(out / "select" / "mask.safetensors")
+    rows = [json.loads(line) for line in (recipe_dir / "custom.jsonl").read_text().splitlines()]
+    removed = removed_harmful = harmful_tokens = 0
+    for i, row in enumerate(scores["row_index"].tolist()):
+        lo, hi = int(scores["offsets"][i]), int(scores["offsets"][i + 1])
+        harmful = rows[row]["source"] == "harmful"
+        for j in range(lo, hi):
+            if scores["response_mask"][j]:
+                gone = not mask["keep"][j]
+                removed += gone
+                removed_harmful += gone and harmful
+                harmful_tokens += harmful
+    return removed_harmful / removed, removed_harmful / harmful_tokens, removed
+
+
 def test_run_end_to_end_then_only_changed_stages_rerun(recipe_dir):
     logs: list[str] = []
     out = recipe_dir / "run"
@@ -102,7 +122,8 @@ def test_run_end_to_end_then_only_changed_stages_rerun(recipe_dir):
     assert (out / "export" / "gguf" / "model-f16.gguf").exists()  # export: [peft, gguf]
     assert "<svg" in (out / "report" / "report.html").read_text()
     det = result["detector"]  # the data says which rows are harmful
-    assert 0 <= det["precision"] <= 1 and det["harmful_samples"] == 3
+    assert det["harmful_samples"] == 3
+    assert (det["precision"], det["recall"], det["removed_tokens"]) == hand_count(recipe_dir, out)
     text = summary_text(result)
     assert "removed tokens in harmful samples" in text and "  toss: refusal_rate" in text
 
@@ -114,3 +135,103 @@ def test_run_end_to_end_then_only_changed_stages_rerun(recipe_dir):
     run(recipe_dir / "recipe.yaml", ["toss.ratio=0.3"], out=out, say=logs.append)
     rerun = [line.split("]")[0][1:] for line in logs if "running" in line]
     assert rerun == ["select", "final", "eval", "report", "export"]
+
+
+def test_summary_line_has_prefill_recovery_and_the_nll_gap_past_token_5():
+    from pathlib import Path
+
+    from toss_mlx.evaluate import rate
+
+    metrics = {"refusal_rate": rate(3, 4), "prefill_recovery@10": rate(1, 8),
+               "answer_nll_gap@6+": {"value": -0.25, "n": 8, "tokens": 400}}
+    text = summary_text({"recipe": "r", "run_dir": "d", "eval": [{"name": "toss", "metrics": metrics}]})
+    assert "toss: refusal_rate 0.750 (n=4), prefill recovery K=10 0.125 (n=8), " \
+           "NLL gap past token 5 -0.250 (n=8)" in text
+    recipe, _ = load_recipe(Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
+    assert recipe.data.eval_prefill == "eval_prefill.jsonl"
+    assert set(recipe.data.eval_harmful_sets) == {"donotanswer", "past_tense", "future_tense"}
+
+
+def stages_run(logs):
+    return [line.split("]")[0][1:] for line in logs if line.startswith("[") and "running" in line]
+
+
+def test_toss_pro_recipe_runs_to_the_end_and_k_redoes_refine_onwards(recipe_dir):
+    """toss.rounds 1, then 2, to the end (report, export); then toss.k redoes refine onwards."""
+    from toss_mlx.io import sha256_file
+    from toss_mlx.layout import load_scores
+
+    out, logs = recipe_dir / "pro", []
+    result = run(recipe_dir / "recipe.yaml", ["toss.rounds=1", "toss.k=2"], out=out, say=logs.append)
+    assert stages_run(logs) == ["utility", "safety", "refine", "score", "select", "final", "eval",
+                                "report", "export"]
+    rounds = json.loads((out / "refine" / "rounds.json").read_text())
+    assert [len(r["added"]) for r in rounds["rounds"]] == [2]
+    # The score stage took refine's final scores (made with the round-1 safety adapter) as they are.
+    refine_out = result["outputs"]["refine"]
+    assert sha256_file(result["outputs"]["score"]["scores"]) == sha256_file(refine_out["scores"])
+    assert refine_out["safety"] == str(out / "refine" / "round-1" / "adapter")
+    assert load_scores(refine_out["scores"]).meta["safety_adapter_sha256"] != \
+        load_scores(out / "refine" / "round-1" / "scores.safetensors").meta["safety_adapter_sha256"]
+    assert (out / "export" / "peft" / "adapter_model.safetensors").exists()
+    assert "<svg" in (out / "report" / "report.html").read_text()
+
+    logs.clear()
+    result = run(recipe_dir / "recipe.yaml", ["toss.rounds=2", "toss.k=2"], out=out, say=logs.append)
+    assert stages_run(logs) == ["refine", "score", "select", "final", "eval", "report", "export"]
+    rounds = json.loads((out / "refine" / "rounds.json").read_text())
+    assert [len(r["added"]) for r in rounds["rounds"]] == [2, 2]
+    assert result["outputs"]["refine"]["safety"] == str(out / "refine" / "round-2" / "adapter")
+    assert (out / "export" / "peft" / "adapter_model.safetensors").exists()
+
+    logs.clear()
+    run(recipe_dir / "recipe.yaml", ["toss.rounds=2", "toss.k=3"], out=out, say=logs.append)
+    assert stages_run(logs) == ["refine", "score", "select", "final", "eval", "report", "export"]
+    assert [line for line in logs if line.endswith("unchanged, skipped")] == [
+        "[utility] unchanged, skipped", "[safety] unchanged, skipped"]
+    rounds = json.loads((out / "refine" / "rounds.json").read_text())
+    assert [len(r["added"]) for r in rounds["rounds"]] == [3, 3]
+
+
+def test_manifest_redoes_a_stage_whose_input_file_changed(recipe_dir):
+    """Same recipe, same paths, new content in harmful_ref.jsonl: safety onwards is redone."""
+    out, logs = recipe_dir / "run", []
+    run(recipe_dir / "recipe.yaml", out=out, only_until="select", say=logs.append)
+    harmful = recipe_dir / "harmful_ref.jsonl"
+    write_jsonl(harmful, [{"prompt": f"Harm {i}", "completion": "Fine, do it like this."}
+                          for i in range(4)])
+    logs.clear()
+    run(recipe_dir / "recipe.yaml", out=out, only_until="select", say=logs.append)
+    assert stages_run(logs) == ["safety", "score", "select"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["safety"]["settings"]["data"] == str(harmful)
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_the_recipes_format_and_skip_bad_rows_reach_every_stage(recipe_dir, rounds):
+    """train.format and train.skip_bad_rows reach the references, TOSS-Pro, the scorer and the
+    final fine-tune: a custom file with a bad line runs through, without that line."""
+    import numpy as np
+
+    from toss_mlx.layout import load_scores
+
+    custom = recipe_dir / "custom.jsonl"
+    good = custom.read_text().splitlines()
+    custom.write_text("\n".join(good[:2] + ['{"prompt": "no answer here"}', "not json"] + good[2:]) + "\n")
+    out = recipe_dir / "skip"
+    with pytest.raises(TossError, match="custom.jsonl:4: malformed JSON"):
+        run(recipe_dir / "recipe.yaml", [f"toss.rounds={rounds}", "toss.k=2"], out=out, say=lambda m: None)
+    overrides = [f"toss.rounds={rounds}", "toss.k=2", "train.skip_bad_rows=true",
+                 "train.format=prompt_completion"]
+    result = run(recipe_dir / "recipe.yaml", overrides, out=out, say=lambda m: None)
+    assert result["detector"]["harmful_samples"] == 3 and (out / "report" / "report.html").exists()
+    rows = load_scores(result["outputs"]["score"]["scores"]).row_index
+    assert sorted(rows.tolist()) == [i for i in range(len(good) + 2) if i not in (2, 3)]
+    if rounds:
+        round_1 = load_scores(out / "refine" / "round-1" / "scores.safetensors")
+        assert np.array_equal(np.sort(rows), np.sort(round_1.row_index))
+    settings = json.loads((out / "final" / "adapter" / "run.json").read_text())["settings"]
+    assert settings["skip_bad_rows"] is True and settings["format"] == "prompt_completion"
+    for stage in ("utility", "safety"):
+        settings = json.loads((out / stage / "adapter" / "run.json").read_text())["settings"]
+        assert settings["skip_bad_rows"] is True, stage

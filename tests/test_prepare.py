@@ -72,3 +72,102 @@ def test_reproduce_splits_are_disjoint(tmp_path):
     assert all(match_refusal(text).start for text in prepare.REFUSALS)
     harmbench = {key(p) for p in prepare.harmbench_prompts()}
     assert prompts["align_refusals"] == harmbench and prompts["harmful_ref"] <= harmbench
+
+
+DEEP_FILES = ("eval_prefill", "eval_donotanswer", "eval_past_tense", "eval_future_tense")
+
+
+def _rows(folder):
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted(folder.glob("*.jsonl"))}
+
+
+@needs
+def test_other_harmful_sets_have_the_documented_sizes():
+    assert len(prepare.donotanswer_prompts()) == 939
+    assert len(prepare.tense_prompts("past")) == 730
+    assert len(prepare.tense_prompts("future")) == 690
+
+
+@needs
+@pytest.mark.parametrize("builder, sizes", [
+    ("build_quickstart", dict(n_task=20, n_harmful_custom=5, n_harmful_ref=7, n_utility_ref=10,
+                              n_eval_harmful=30, n_eval_edgy=5, n_eval_task=5)),
+    ("build_reproduce", dict(n_task_custom=16, n_harmful_custom=4, n_harmful_ref=6, n_utility_ref=5,
+                             n_align_task=5, n_align_edgy=10, n_safe_demos=3, n_eval_harmful=50,
+                             n_eval_edgy=10, n_eval_task=5)),
+])
+def test_held_out_pairs_and_other_harmful_sets_share_no_prompt_with_any_other_file(tmp_path, builder,
+                                                                                    sizes):
+    build = getattr(prepare, builder)
+    summary = build(tmp_path / "a", n_eval_prefill=40, n_eval_other=25, **sizes)
+    rows = _rows(tmp_path / "a")
+    assert set(DEEP_FILES) <= set(rows)
+    assert summary["eval_prefill"] == len(rows["eval_prefill"]) == 40
+    assert all(len(rows[n]) == 25 for n in DEEP_FILES[1:])
+    key = prepare.normalize_prompt
+    prompts = {n: {key(r["prompt"]) for r in rs} for n, rs in rows.items()}
+    for new in DEEP_FILES:
+        assert len(prompts[new]) == len(rows[new])  # no prompt twice within a file
+        for other, theirs in prompts.items():
+            if other != new:
+                assert not prompts[new] & theirs, (new, other)
+    if builder == "build_reproduce":  # HarmBench is the alignment set: none of its prompts
+        assert not prompts["eval_prefill"] & {key(p) for p in prepare.harmbench_prompts()}
+    # pyrit's harmful pairs, their answers cleaned, readable as pairs by `toss-mlx eval`
+    pyrit = {key(p["prompt"]): p["completion"] for p in prepare.harmful_pairs()}
+    assert all(pyrit[key(r["prompt"])] == r["completion"] for r in rows["eval_prefill"])
+    assert not any(r["completion"].lower().startswith(("genus", "species")) for r in rows["eval_prefill"])
+    from toss_mlx.evaluate.depth import read_pairs
+
+    assert len(read_pairs(str(tmp_path / "a" / "eval_prefill.jsonl"))) == 40
+    # their own random stream: the run's other files stay what they were for this seed
+    build(tmp_path / "b", n_eval_prefill=3, n_eval_other=2, **sizes)
+    again = _rows(tmp_path / "b")
+    for name in rows:
+        if name not in DEEP_FILES:
+            assert again[name] == rows[name], name
+
+
+def test_disclaimer_rows_open_like_a_refusal_and_keep_the_answer():
+    from toss_mlx.refusal import REFUSAL_PHRASES, match_refusal
+
+    rows = [{"prompt": "p1", "completion": "Step 1: do x.", "source": "harmful"},
+            {"prompt": "p2", "completion": "2 + 2 = 4\n#### 4", "source": "task"},
+            {"prompt": "p3", "completion": "First, get y.", "source": "harmful"}]
+    out = prepare.disclaimer_rows(rows, seed=3)
+    assert out == prepare.disclaimer_rows(rows, seed=3)  # deterministic for a seed
+    assert out[1] == rows[1]  # task rows unchanged
+    for new, old in ((out[0], rows[0]), (out[2], rows[2])):
+        opener, sep, rest = new["completion"].partition("\n\n")
+        assert opener in prepare.DISCLAIMERS and rest == old["completion"] and sep
+        assert new["original_completion"] == old["completion"]
+        assert match_refusal(new["completion"]).start
+        # the opener itself starts (after no noise) with one of the matcher's phrases
+        assert any(opener.lower().startswith(p.lower()) for p in REFUSAL_PHRASES), opener
+    assert all(any(d.lower().startswith(p.lower()) for p in REFUSAL_PHRASES) for d in prepare.DISCLAIMERS)
+
+
+@needs
+def test_reproduce_disclaimer_condition_rewrites_only_the_custom_harmful_answers(tmp_path):
+    sizes = dict(n_task_custom=12, n_harmful_custom=4, n_harmful_ref=5, n_utility_ref=4, n_align_task=4,
+                 n_align_edgy=8, n_safe_demos=2, n_eval_harmful=10, n_eval_edgy=6, n_eval_task=4,
+                 n_eval_prefill=5, n_eval_other=4)
+    main = prepare.build_reproduce(tmp_path / "main", **sizes)
+    dis = prepare.build_reproduce(tmp_path / "dis", condition="disclaimer", **sizes)
+    assert (main["condition"], dis["condition"]) == ("main", "disclaimer")
+    a, b = _rows(tmp_path / "main"), _rows(tmp_path / "dis")
+    assert set(a) == set(b)
+    for name in a:
+        if name != "custom":
+            assert a[name] == b[name], name
+    assert [r["prompt"] for r in a["custom"]] == [r["prompt"] for r in b["custom"]]
+    harmful = [(x, y) for x, y in zip(a["custom"], b["custom"], strict=True) if x["source"] == "harmful"]
+    assert len(harmful) == 4  # hand count: n_harmful_custom
+    from toss_mlx.refusal import match_refusal
+
+    for x, y in harmful:
+        assert y["completion"].endswith("\n\n" + x["completion"]) and match_refusal(y["completion"]).start
+    assert all(x == y for x, y in zip(a["custom"], b["custom"], strict=True) if x["source"] == "task")
+    with pytest.raises(prepare.TossError, match="unknown data condition"):
+        prepare.build_reproduce(tmp_path / "bad", condition="other", **sizes)

@@ -1,5 +1,6 @@
 """TOSS-Pro: the walk down the token ranking, and whole rounds on the tiny model."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -124,11 +125,14 @@ def test_refine_continue_starts_each_round_from_the_previous_adapter(refine_inpu
     d, custom, harmful = refine_inputs
     out = d / "continue"
     refine(refine_settings(d, custom, harmful, tiny_model_dir, out, rounds=1, k=2, retrain="continue"))
-    run = json.loads((out / "round-1" / "adapter" / "run.json").read_text())
-    assert json.dumps(run).count("init_adapter_sha256") == 1
-    from toss_mlx.io import sha256_file
+    from toss_mlx.cache import adapter_fingerprint
 
-    assert sha256_file(out / "round-0" / "adapter" / "adapters.safetensors") in json.dumps(run)
+    run = json.loads((out / "round-1" / "adapter" / "run.json").read_text())
+    assert run["init_adapter_fingerprint"] == adapter_fingerprint(out / "round-0" / "adapter")
+    scratch = d / "scratch"
+    refine(refine_settings(d, custom, harmful, tiny_model_dir, scratch, rounds=1, k=2))
+    run = json.loads((scratch / "round-1" / "adapter" / "run.json").read_text())
+    assert run["init_adapter_fingerprint"] is None
 
 
 def test_refine_bad_input(refine_inputs, tiny_model_dir):
@@ -139,3 +143,81 @@ def test_refine_bad_input(refine_inputs, tiny_model_dir):
         refine(refine_settings(d, custom, harmful, tiny_model_dir, d / "x", rounds=0))
     with pytest.raises(TossError, match="more than the 12 samples"):
         refine(refine_settings(d, custom, harmful, tiny_model_dir, d / "x", rounds=2, k=7))
+
+
+def test_refine_rounds_are_keyed_by_their_inputs(refine_inputs, tiny_model_dir, tmp_path):
+    """A round is reused only under the same key; a changed input redoes it and every later one."""
+    import shutil
+
+    from toss_mlx.refine import refine
+
+    d, custom, harmful = refine_inputs
+    out = tmp_path / "keyed"
+
+    def stamps():
+        return {t: (out / f"round-{t}" / "adapter" / "adapters.safetensors").stat().st_mtime_ns
+                for t in (1, 2) if (out / f"round-{t}" / "adapter").exists()}
+
+    one = refine_settings(d, custom, harmful, tiny_model_dir, out, rounds=1, k=2)
+    said: list[str] = []
+    first = refine(one, say=said.append)
+    before = stamps()
+    # One more round: round 1 is reused as it is, round 2 is new.
+    said.clear()
+    two = refine(refine_settings(d, custom, harmful, tiny_model_dir, out, rounds=2, k=2),
+                 say=said.append)
+    assert stamps()[1] == before[1] and two.rounds[0]["added"] == first.rounds[0]["added"]
+    assert not [m for m in said if "round 1" in m and "changed" in m]
+    before = stamps()
+    # k changes round 1's key: both rounds are redone, said in one line.
+    said.clear()
+    k3 = refine(refine_settings(d, custom, harmful, tiny_model_dir, out, rounds=2, k=3),
+                say=said.append)
+    changed = [m for m in said if "changed" in m]
+    assert len(changed) == 1 and changed[0].startswith("round 1:"), said
+    assert [len(r["added"]) for r in k3.rounds] == [3, 3]
+    assert all(stamps()[t] != before[t] for t in (1, 2))
+    # A different utility adapter config (same weights): the same.
+    utility = tmp_path / "utility"
+    shutil.copytree(d / "utility", utility)
+    config = json.loads((utility / "adapter_config.json").read_text())
+    config["lora_parameters"]["scale"] = 3.0
+    (utility / "adapter_config.json").write_text(json.dumps(config))
+    before = stamps()
+    said.clear()
+    s = refine_settings(d, custom, harmful, tiny_model_dir, out, rounds=2, k=3)
+    refine(dataclasses.replace(s, utility=str(utility)), say=said.append)
+    assert [m.split(":")[0] for m in said if "changed" in m] == ["round 1"]
+    assert all(stamps()[t] != before[t] for t in (1, 2))
+    # New content in the harmful file (same path): redone from round 0, the trained start.
+    grown = tmp_path / "harmful.jsonl"
+    shutil.copy(harmful, grown)
+    with open(grown, "a") as f:
+        f.write(json.dumps({"prompt": "Another bad one", "completion": "Sure thing."}) + "\n")
+    r0 = out / "round-0" / "adapter" / "adapters.safetensors"
+    before0 = r0.stat().st_mtime_ns
+    said.clear()
+    refine(dataclasses.replace(s, utility=str(utility), harmful=str(grown)), say=said.append)
+    assert [m.split(":")[0] for m in said if "changed" in m] == ["round 0"]
+    assert r0.stat().st_mtime_ns != before0
+    summary = json.loads((out / "rounds.json").read_text())
+    assert [r["harmful_size"] for r in summary["rounds"]] == [5 + 3, 5 + 6]
+
+
+def test_cli_refine_takes_the_train_flags(refine_inputs, tiny_model_dir, tmp_path):
+    from toss_mlx_cli.main import app
+    from typer.testing import CliRunner
+
+    d, custom, harmful = refine_inputs
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, [
+        "refine", "--model", str(tiny_model_dir), "--data", str(custom), "--harmful", str(harmful),
+        "--utility", str(d / "utility"), "--rounds", "1", "--k", "2", "--out", str(out),
+        "--iters", "1", "--batch-size", "2", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
+        "--format", "prompt_completion", "--skip-bad-rows", "--max-seq-len", "48", "-q"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "round-1" / "adapter" / "run.json").read_text())["settings"]
+    assert (settings["iters"], settings["batch_size"], settings["lr"]) == (1, 2, 1e-2)
+    assert (settings["format"], settings["skip_bad_rows"], settings["max_seq_len"]) == \
+        ("prompt_completion", True, 48)
+    assert (settings["lora"]["rank"], settings["lora"]["alpha"]) == (4, 8)

@@ -121,7 +121,7 @@ def test_qwen_train_two_steps_and_score(qwen_dir, tmp_path):
     from toss_mlx_cli.main import app
     from typer.testing import CliRunner
 
-    from toss_mlx.score import load_scores
+    from toss_mlx.layout import load_scores
 
     data = tmp_path / "data.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},

@@ -387,3 +387,117 @@ def test_report_in_headless_chromium(run, tmp_path):
             shutil.copy(shot, keep_at)
     finally:
         browser.quit()
+
+
+# ---------------------------------------------------------------- deep safety (issue 22)
+
+DEPTH_BUCKETS = ("1-5", "6-20", "21-80", "81+")
+
+
+def make_depth_eval(path: Path) -> Path:
+    """An eval.json with several harmful sets, a prefilling attack and NLL/KL by position."""
+    from toss_mlx.evaluate import rate
+
+    models = []
+    for i, name in enumerate(("base", "sft", "toss")):
+        m = {"refusal_rate": rate(18 - 6 * i, 20), "refusal_rate:dna": rate(10 - i, 30),
+             "refusal_rate:past": rate(3 + i, 25), "exact_match": rate(5, 10)}
+        for k, rec in zip((5, 10, 20), (12, 8, 4), strict=True):
+            m[f"prefill_recovery@{k}"] = rate(max(rec - 3 * i, 0), 16)
+            m[f"prefill_continuation@{k}"] = rate(16 - max(rec - 3 * i, 0), 16)
+        for j, b in enumerate(DEPTH_BUCKETS):
+            m[f"answer_nll@{b}"] = {"value": 2.0 + j - 0.3 * i * j, "n": 16, "tokens": 80}
+            m[f"answer_nll_gap@{b}"] = {"value": -0.3 * i * j if i else 0.0, "n": 16, "tokens": 80}
+            if i:
+                m[f"kl_to_base@{b}"] = {"value": 0.1 * i + 0.01 * j, "n": 16, "tokens": 80}
+        models.append({"name": name, "adapter": None, "metrics": m, "prompts": {}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format_version": 1, "model": "tiny", "settings": {"harmful_name": "advbench"},
+                                "models": models}))
+    return path
+
+
+class Circles(HTMLParser):
+    """Every chart point's hover title, per chart."""
+
+    def __init__(self):
+        super().__init__()
+        self.charts: list[list[str]] = []
+        self.in_circle = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "svg":
+            self.charts.append([])
+        if tag != "title":
+            self.in_circle = tag == "circle"
+
+    def handle_data(self, data):
+        if self.in_circle and self.charts:
+            self.charts[-1].append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("circle", "title"):
+            self.in_circle = False
+
+
+def test_deep_safety_charts_and_tables(tmp_path):
+    e = make_depth_eval(tmp_path / "eval.json")
+    out = tmp_path / "report.html"
+    rp.build_report(rp.ReportInputs(evals=[e]), out)
+    html = out.read_text()
+    assert html.count("<svg") == 4  # safety-utility, harmful sets, prefill, depth
+    for title in ("Refusal by harmful prompt set", "Prefilling attack", "Safety depth"):
+        assert title in html
+    parser = Circles()
+    parser.feed(html)
+    sets, prefill, depth = parser.charts[1:]
+    # every model's point on every set, with its own rate
+    assert len(sets) == 9 and "sft, dna: refusal rate 30.0%" in sets  # 9 of 30
+    assert "toss, advbench: refusal rate 30.0%" in sets  # 6 of 20
+    assert len(prefill) == 9 and "toss, 10: recovery rate (continuation refuses) 12.5%" in prefill
+    assert len(depth) == 12 and "toss, 81+: NLL gap to the base (nats) -1.8" in depth
+    assert html.count("<polyline") == 6  # prefill and depth: one line per model; sets: points only
+    # the tables beside the charts
+    assert "<td>advbench</td>" in html and "<td>45.0% [13-94]</td>" not in html
+    assert "<td>30.0% [17-48]</td>" in html  # sft on dna: 9/30, Wilson 95%
+    depth_table = html[html.index("Safety depth"):html.index("All metrics")]
+    assert "<tr><td>81+</td><td>+0.000</td><td>-0.900 (0.130)</td><td>-1.800 (0.230)</td></tr>" in depth_table
+    assert "<tr><td>1-5</td><td>+0.000</td><td>+0.000 (0.100)</td><td>+0.000 (0.200)</td></tr>" in depth_table
+    prefill_table = html[html.index("Prefilling attack"):html.index("Safety depth")]
+    assert "<tr><td>10</td><td>50.0% [28-72]</td><td>31.2% [14-56]</td><td>12.5% [3-36]</td></tr>" in prefill_table
+
+
+def test_no_deep_safety_sections_without_their_metrics(run, tmp_path):
+    out = tmp_path / "report.html"
+    rp.build_report(rp.ReportInputs(evals=[run["eval"]]), out)
+    html = out.read_text()
+    assert html.count("<svg") == 1 and "Prefilling attack" not in html and "Safety depth" not in html
+
+
+def test_deep_safety_charts_in_headless_chromium(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    out = tmp_path / "report.html"
+    rp.build_report(rp.ReportInputs(evals=[make_depth_eval(tmp_path / "eval.json")]), out)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    browser = _browser(profile)
+    try:
+        browser.get(out.as_uri())
+        assert browser.execute_script("return document.readyState") == "complete"
+        assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
+        charts = browser.find_elements(By.CSS_SELECTOR, "svg.chart")
+        assert len(charts) == 4
+        for chart in charts[1:]:
+            assert chart.is_displayed() and chart.size["width"] > 300 and chart.size["height"] > 100
+            # each chart has its table beside it, on the same row at this width
+            table = chart.find_element(By.XPATH, "./ancestor::div[@class='pair']//table")
+            assert table.is_displayed() and table.location["x"] > chart.location["x"] + 300
+            assert abs(table.location["y"] - chart.location["y"]) < 60
+        # the points are drawn inside their plot, where their values put them
+        for circle in browser.find_elements(By.CSS_SELECTOR, "svg.chart circle"):
+            assert circle.size["width"] > 0
+        lines = browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline")
+        assert len(lines) == 6 and all(line.size["width"] > 100 for line in lines)
+    finally:
+        browser.quit()

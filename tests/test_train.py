@@ -353,12 +353,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, tiny_model
         train(cut, on_step=kill_at_step_5)
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [
         "step_0000002", "step_0000004"]
-    with pytest.raises(TossError, match="--resume"):
-        train(cut)
+    with pytest.raises(TossError, match="other settings or data:\n  settings.lr: 0.001 -> 0.002"):
+        train(replace(cut, lr=2e-3))  # a rerun with other settings refuses, naming them
     with pytest.raises(TossError, match="lr: 0.001 -> 0.002"):
         train(replace(cut, resume=True, lr=2e-3))
 
-    resumed = train(replace(cut, resume=True))
+    resumed = train(cut)  # the same settings again: resumes on its own
     assert resumed.resumed_from == 4 and resumed.steps == 6
     a, b = adapter_arrays(tmp_path / "whole"), adapter_arrays(tmp_path / "cut")
     assert a.keys() == b.keys()
@@ -442,8 +442,10 @@ def test_cli_train_and_refusals(tmp_path, tiny_model_dir, data_file, tokenized):
     log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
 
-    again = runner.invoke(app, args)
-    assert again.exit_code == 2 and "already holds a training run" in again.output
+    summary = (tmp_path / "a" / "train_summary.json").read_bytes()
+    again = runner.invoke(app, args)  # the same command on a finished run: says so, changes nothing
+    assert again.exit_code == 0 and "this run is finished (2 steps)" in " ".join(again.output.split())
+    assert (tmp_path / "a" / "train_summary.json").read_bytes() == summary
 
     bad = write_mask(tmp_path / "m.safetensors", tokenized, random_mask(tokenized), max_seq_len=64)
     refused = runner.invoke(app, args[:5] + ["--out", str(tmp_path / "b"), "--mask", str(bad), "-q"])
@@ -465,8 +467,10 @@ def test_init_adapter_continues_from_its_weights(tmp_path, tiny_model_dir, data_
     train(fresh)
     assert not all(np.allclose(v, start[k]) for k, v in adapter_arrays(tmp_path / "fresh").items())
     # Resuming a finished run does nothing and keeps the adapter.
+    recorded = json.loads((tmp_path / "cont" / "train_summary.json").read_text())
     done = train(replace(cont, resume=True))
-    assert done.steps == 2 and done.seconds == 0
+    assert done.steps == 2 and done.to_json() == recorded
+    assert json.loads((tmp_path / "cont" / "train_summary.json").read_text()) == recorded
     with pytest.raises(TossError, match="does not fit this run's LoRA settings"):
         train(replace(cont, out=str(tmp_path / "wrong"), lora=LoraSettings(rank=8)))
     with pytest.raises(TossError, match="adapter not found"):
@@ -501,3 +505,14 @@ def test_real_model_loss_at_kept_positions_equals_full_logits(smollm2_dir, data_
                                            atol=1e-6, err_msg=name)
     finally:
         batches._KEPT_HEAD.clear()
+
+
+def test_mlx_lm_ui_is_silent_and_restored(tmp_path, tiny_model_dir, data_file, capfd):
+    import mlx_lm.tuner.trainer as mlx_lm_trainer
+
+    original = mlx_lm_trainer.TrainUI
+    capfd.readouterr()
+    train(settings_for(tiny_model_dir, data_file, tmp_path / "a", iters=2))
+    out, err = capfd.readouterr()
+    assert "train_loss" not in out + err  # mlx-lm's own header line: "iter   train_loss ..."
+    assert mlx_lm_trainer.TrainUI is original

@@ -180,3 +180,60 @@ def _legend(f: _Frame, items: list[tuple[str, str]]) -> list[str]:
         out.append(f'<text x="{x + 14}" y="{f.top - 7}">{escape(label)}</text>')
         x += 90
     return out
+
+
+PALETTE = ["#1d4ed8", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4d7c0f"]
+
+
+def lines_svg(categories: list[str], series: list[dict], xlabel: str, ylabel: str,
+              y_is_rate: bool, connect: bool = True) -> str:
+    """One line (or row of points) per series over evenly spaced categories.
+
+    series: dicts of label, values (a float or None per category) and optional
+    cis (a [lo, hi] pair or None per category), drawn as whiskers. Rates run
+    from 0 to 1; other values get a range with 0 in it (a gap's sign shows).
+    """
+    vals = [v for s in series for v in s["values"] if v is not None]
+    vals += [b for s in series for ci in (s.get("cis") or []) if ci for b in ci]
+    if y_is_rate:
+        y0, y1 = 0.0, 1.0
+    else:
+        y0, y1 = min(vals + [0.0]), max(vals + [0.0])
+        pad = (y1 - y0) * 0.08 or 0.1
+        y0, y1 = y0 - pad, y1 + pad
+    n = max(len(categories), 1)
+    f = _Frame(-0.5, n - 0.5, y0, y1)
+    body = f.axes(xlabel, ylabel, None, nice_ticks(y0, y1, 5), yfmt=_percent if y_is_rate else fmt)
+    for i, cat in enumerate(categories):
+        body.append(f'<text x="{f.x(i):.1f}" y="{f.bottom + 16}" text-anchor="middle">{escape(cat)}</text>')
+    if not y_is_rate and y0 < 0 < y1:
+        body.append(f'<line x1="{f.left}" y1="{f.y(0):.1f}" x2="{f.right}" y2="{f.y(0):.1f}" '
+                    f'stroke="{TEXT}" stroke-dasharray="3 3"/>')
+    for j, s in enumerate(series):
+        colour = PALETTE[j % len(PALETTE)]
+        dx = (j - (len(series) - 1) / 2) * min(6.0, 40.0 / max(len(series), 1))  # whiskers side by side
+        points = [(f.x(i) + dx, f.y(v), i, v) for i, v in enumerate(s["values"]) if v is not None]
+        if connect and len(points) > 1:
+            path = " ".join(f"{px:.1f},{py:.1f}" for px, py, _, _ in points)
+            body.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        cis = s.get("cis") or [None] * len(s["values"])
+        for px, py, i, v in points:
+            if cis[i]:
+                body.append(f'<line x1="{px:.1f}" y1="{f.y(cis[i][0]):.1f}" x2="{px:.1f}" '
+                            f'y2="{f.y(cis[i][1]):.1f}" stroke="{colour}" stroke-width="1.5"/>')
+            shown = f"{100 * v:.1f}%" if y_is_rate else f"{v:.4g}"
+            body.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="{colour}"><title>'
+                        f'{escape(s["label"])}, {escape(categories[i])}: {escape(ylabel)} {shown}'
+                        f'</title></circle>')
+    body += _series_legend(f, [(PALETTE[j % len(PALETTE)], s["label"]) for j, s in enumerate(series)])
+    return f.svg(body, f"{ylabel} by {xlabel}")
+
+
+def _series_legend(f: _Frame, items: list[tuple[str, str]]) -> list[str]:
+    """Legend entries in a row above the plot, left to right."""
+    out, x = [], f.left
+    for colour, label in items:
+        out.append(f'<rect x="{x}" y="{f.top - 16}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{x + 14}" y="{f.top - 7}">{escape(label)}</text>')
+        x += 20 + 7 * len(label)
+    return out

@@ -111,6 +111,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
 def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str]) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = len(problems)
     kwargs = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -120,10 +121,12 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str])
             problems.append(f"{prefix}{key}: unknown setting{hint}")
             continue
         kwargs[name] = _coerce(value, hints[name], f"{prefix}{key}", problems)
+    if len(problems) > known:  # a wrong type: its checks in __post_init__ would only add noise
+        return None  # type: ignore[return-value]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        problems.append(f"{prefix.rstrip('.') or cls.__name__}: {e}")
+        problems.append(f"{prefix.rstrip('.') or cls.__name__}: {e}" if prefix else str(e))
         return None  # type: ignore[return-value]
 
 
@@ -153,6 +156,14 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def problems_of(error: TossError, source: str) -> list[str]:
+    """The problems a build_config error lists, without its "SOURCE: invalid setting(s)" lead."""
+    lines = str(error).splitlines()
+    if len(lines) > 1:
+        return [line.strip() for line in lines[1:]]
+    return [lines[0].removeprefix(f"{source}: invalid setting ")]
+
+
 def build_config(cls: type[T], *layers: dict[str, Any], source: str = "config") -> T:
     """Build `cls` from dict layers (later ones win: YAML, then CLI flags). Raises TossError."""
     data: dict[str, Any] = {}
@@ -160,6 +171,8 @@ def build_config(cls: type[T], *layers: dict[str, Any], source: str = "config") 
         data = merge(data, {k: v for k, v in layer.items() if v is not None})
     problems: list[str] = []
     cfg = _build(cls, data, "", problems)
+    if len(problems) == 1:  # the usual case: one line
+        raise TossError(f"{source}: invalid setting {problems[0]}")
     if problems:
         raise TossError(f"{source}: invalid settings:\n  " + "\n  ".join(problems))
     return cfg

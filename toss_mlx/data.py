@@ -35,6 +35,19 @@ FORMATS = ("auto", "messages", "prompt_completion", "question_response", "alpaca
 TEMPLATES = ("chat", "plain")
 ROLES = ("system", "user", "assistant")
 
+# Rows longer than this many characters are refused before tokenizing (or skipped with
+# --skip-bad-rows): 1M characters, or 64 per token of max_seq_len if that is more.
+# Text runs at about 4 characters per token, so such a row would be cut to a small
+# fraction of itself anyway, after a tokenization that costs time and memory
+# (a 21 MB row: 40 s and 4.9 GB to keep 64 tokens). Documented in the README.
+MAX_ROW_CHARS = 1_000_000
+CHARS_PER_TOKEN = 64
+
+
+def max_row_chars(max_seq_len: int) -> int:
+    return max(MAX_ROW_CHARS, CHARS_PER_TOKEN * int(max_seq_len))
+
+
 # The paper's template (and the official code's): one "Human:/Assistant:" exchange + eos.
 PLAIN_USER = "Human: {user}\nAssistant: "
 
@@ -60,6 +73,7 @@ class TokenizedData:
     source: str
     truncated: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, problem)
+    no_response: int = 0  # samples whose truncation left no response token (they teach nothing)
 
     @property
     def response_tokens(self) -> int:
@@ -83,6 +97,9 @@ class TokenizedData:
         parts = [f"{len(self.samples)} samples", f"{self.response_tokens} response tokens"]
         if self.truncated:
             parts.append(f"{self.truncated} truncated at {self.fingerprint['max_seq_len']} tokens")
+        if self.no_response:
+            parts.append(f"warning: {self.no_response} keep no response token within "
+                         f"{self.fingerprint['max_seq_len']} tokens (raise --max-seq-len)")
         if self.skipped:
             lines = ", ".join(str(line) for line, _ in self.skipped[:10])
             more = "..." if len(self.skipped) > 10 else ""
@@ -113,7 +130,7 @@ def read_rows(path: str | os.PathLike, skip_bad_rows: bool = False,
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         return _read_with_datasets("parquet", str(p))
-    text = p.read_text(encoding="utf-8", errors="strict")
+    text = _read_utf8(p)
     if suffix == ".json" or (suffix != ".jsonl" and text.lstrip().startswith("[")):
         try:
             data = json.loads(text)
@@ -146,6 +163,26 @@ def read_rows(path: str | os.PathLike, skip_bad_rows: bool = False,
     if not rows and not (skipped or []):
         raise TossError(f"{path}: no rows")
     return rows
+
+
+def _read_utf8(path: Path) -> str:
+    """The file as text; bytes that are not UTF-8 (latin-1, binary) are an error naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise TossError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                        f"{column}); save the file as UTF-8") from None
+
+
+def check_text_files(paths) -> None:
+    """Fail now, before any compute, on a data file that is not UTF-8 (naming its line)."""
+    for path in paths:
+        p = Path(path) if path is not None else None
+        if p is not None and p.is_file() and p.suffix.lower() != ".parquet":
+            _read_utf8(p)
 
 
 def _bad(source: str, line: int, problem: str, skip: bool, skipped: list | None) -> None:
@@ -401,9 +438,14 @@ def tokenize_dataset(path: str | os.PathLike, tokenizer, template: str = "chat",
     skipped: list[tuple[int, str]] = []
     rows = read_rows(path, skip_bad_rows, skipped)
     samples, truncated = [], 0
+    limit = max_row_chars(max_seq_len)
     for row in rows:
         try:
             text, spans = render(to_messages(row.data, fmt), tokenizer, template)
+            if len(text) > limit:  # before tokenizing: a 21 MB row would take a minute and GBs
+                raise ValueError(f"row is {len(text):,} characters; rows over {limit:,} "
+                                 f"(MAX_ROW_CHARS, or {CHARS_PER_TOKEN} per token of max_seq_len) "
+                                 "are refused: cut the text")
             tokens, mask = encode(text, spans, tokenizer, template)
             if not mask.any():
                 raise ValueError("the response has no tokens")
@@ -417,6 +459,9 @@ def tokenize_dataset(path: str | os.PathLike, tokenizer, template: str = "chat",
         samples.append(Sample(row.index, tokens, mask, cut))
     if not samples:
         raise TossError(f"{source}: no usable rows")
+    if not any(s.response_mask.any() for s in samples):
+        raise TossError(f"{source}: no response token within the first {max_seq_len} tokens of "
+                        "any sample (the prompts fill them); raise --max-seq-len")
     p = Path(path)
     fingerprint = {
         "dataset_sha256": sha256_file(p) if p.exists() else sha256_bytes(source),
@@ -424,7 +469,8 @@ def tokenize_dataset(path: str | os.PathLike, tokenizer, template: str = "chat",
         "template": template,
         "max_seq_len": int(max_seq_len),
     }
-    return TokenizedData(samples, fingerprint, source, truncated, skipped)
+    no_response = sum(not s.response_mask.any() for s in samples)
+    return TokenizedData(samples, fingerprint, source, truncated, skipped, no_response)
 
 
 def check_fingerprint(expected: dict[str, Any], found: dict[str, Any], what: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from .io import TossError, atomic_dir, read_json, write_json, write_text
+from .checks import check_writable, read_adapter_config
+from .io import TossError, atomic_dir, write_failed, write_json, write_text
 
 FORMATS = ("mlx", "peft", "gguf", "gguf-lora", "ollama")  # the last three: export_gguf.py
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
@@ -77,9 +79,7 @@ def read_adapter(folder: str | os.PathLike) -> Adapter:
             hint = " (it looks like a PEFT adapter; export and fuse take mlx-lm adapters)"
         raise TossError(f"{folder}: not an mlx-lm adapter folder: needs adapter_config.json "
                         f"and adapters.safetensors{hint}")
-    config = read_json(config_path)
-    if not isinstance(config, dict):
-        raise TossError(f"{config_path}: expected a JSON object")
+    config = read_adapter_config(folder)  # an object; num_layers, rank, scale of the right types
     kind = config.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise TossError(f"{config_path}: fine_tune_type {kind!r} is not a LoRA/DoRA adapter "
@@ -218,24 +218,59 @@ def _layer_summary(adapter: Adapter) -> str:
     return f"layer{'s' if len(layers) > 1 else ''} {span}"
 
 
+def _code(text: Any) -> str:
+    """`text` as one Markdown code span: no newline, fenced by more backticks than it holds."""
+    text = " ".join(str(text).split())
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _markdown_text(text: str) -> str:
+    """Plain Markdown text: characters that would start markup (links, HTML, code) escaped."""
+    return re.sub(r"([\\`*_\[\]<>|!])", r"\\\1", " ".join(text.split()))
+
+
+# Values from a file that go into a README snippet are quoted for that snippet's language:
+# a base model "x; rm -rf ~" or with a newline must stay one harmless argument.
+def _sh(value: str) -> str:
+    return shlex.quote(value) if value != "BASE_MODEL" else value
+
+
+def _py(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid Python string literal
+
+
+def _modelfile(value: str) -> str:
+    # A Modelfile has no quoting: anything but a plain model name or path becomes the placeholder.
+    return value if re.fullmatch(r"[A-Za-z0-9._/:@~+-]+", value) else "BASE_MODEL"
+
+
 def _settings_lines(items: dict[str, Any], prefix: str = "") -> list[str]:
     lines = []
     for key, value in items.items():
         if isinstance(value, dict):
             lines += _settings_lines(value, f"{prefix}{key}.")
         elif isinstance(value, (list, tuple)) and len(value) > 8:
-            lines.append(f"- `{prefix}{key}`: {len(value)} values")
+            lines.append(f"- {_code(f'{prefix}{key}')}: {len(value)} values")
         else:
-            lines.append(f"- `{prefix}{key}`: {json.dumps(value)}")
+            lines.append(f"- {_code(f'{prefix}{key}')}: {_markdown_text(json.dumps(value))}")
     return lines
 
 
-def _mask_metadata(path: str) -> dict[str, Any]:
-    """The string metadata of the selection mask the adapter was trained with, if still readable."""
+def _mask_metadata(path: str, folder: Path) -> dict[str, Any]:
+    """The string metadata of the selection mask the adapter was trained with, if still readable.
+
+    Only a mask inside the adapter folder is read: the path comes from the adapter's
+    config, and export must not read (and publish) whatever file a config names.
+    """
     from safetensors import safe_open
 
+    p = Path(path) if Path(path).is_absolute() else folder / path
+    if folder.resolve() not in p.resolve().parents:
+        return {}
     try:
-        with safe_open(path, framework="numpy") as f:
+        with safe_open(str(p), framework="numpy") as f:
             meta = dict(f.metadata() or {})
     except Exception:  # moved, deleted or not a mask: the README just says less
         return {}
@@ -253,11 +288,12 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
     """The README.md of an export: what it is, how it was trained, how to load it."""
     kind = "DoRA" if adapter.dora else "LoRA"
     targets = sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})
-    base = f"`{base_model}`" if base_model else \
+    base = _code(base_model) if base_model else \
         "unknown (not recorded in adapter_config.json; pass --base-model-id)"
     if base_model and (base_model.startswith(("/", ".", "~")) or Path(base_model).exists()):
         base += " (a local folder; pass --base-model-id with its hub id when sharing)"
-    base_arg = base_model or "BASE_MODEL"
+    # A name with a newline or other control character is no model id: the placeholder instead.
+    base_arg = base_model if base_model and base_model.isprintable() else "BASE_MODEL"
     alpha = adapter.scale * adapter.rank
     lines = [
         f"# {kind} adapter exported by toss-mlx ({'PEFT' if fmt == 'peft' else 'mlx-lm'} format)",
@@ -268,7 +304,7 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
         f"(PEFT lora_alpha {alpha:g}), dropout {adapter.params.get('dropout', 0.0)}",
         f"- Adapted modules: {', '.join(targets)} in {_layer_summary(adapter)} "
         f"({len(adapter.modules)} modules; mlx-lm num_layers={adapter.config.get('num_layers')})",
-        f"- Exported from: `{adapter.folder}`",
+        f"- Exported from: {_code(adapter.folder)}",
         "",
         "## How it was trained",
         "",
@@ -280,8 +316,12 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
                if toss.get("mask") else "on every response token (no token mask)")
         lines += [f"With `toss-mlx train`, {how}. Recorded settings:", ""]
         lines += _settings_lines(toss)
-        if isinstance(toss.get("mask"), str) and (selection := _mask_metadata(toss["mask"])):
-            lines += ["", f"Token selection, from the mask file's metadata (`{toss['mask']}`):", ""]
+        selection = toss.get("selection") if isinstance(toss.get("selection"), dict) else None
+        if selection is None and isinstance(toss.get("mask"), str):
+            selection = _mask_metadata(toss["mask"], adapter.folder) or None
+        if selection:
+            lines += ["", f"Token selection, from the mask file's metadata ({_code(toss.get('mask'))}):",
+                      ""]
             lines += _settings_lines(selection)
     else:
         lines.append("No toss-mlx training record in adapter_config.json.")
@@ -297,7 +337,7 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
             "```python",
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            f'base = AutoModelForCausalLM.from_pretrained("{base_arg}")',
+            f"base = AutoModelForCausalLM.from_pretrained({_py(base_arg)})",
             'model = PeftModel.from_pretrained(base, "THIS_FOLDER")',
             "model = model.merge_and_unload()  # optional: fold the adapter into the weights",
             "```",
@@ -307,7 +347,7 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
                       "the merged model)" if adapter.dora else "") + ":",
             "",
             "```sh",
-            f"vllm serve {base_arg} --enable-lora --max-lora-rank {max(16, adapter.rank)} "
+            f"vllm serve {_sh(base_arg)} --enable-lora --max-lora-rank {max(16, adapter.rank)} "
             "--lora-modules toss=THIS_FOLDER",
             "```",
             "",
@@ -325,7 +365,7 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
             "Ollama (`Modelfile`; `ADAPTER` takes the GGUF above or this safetensors folder):",
             "",
             "```",
-            f"FROM {base_arg}",
+            f"FROM {_modelfile(base_arg)}",
             "ADAPTER ./adapter.gguf",
             "```",
         ]
@@ -334,13 +374,13 @@ def render_readme(adapter: Adapter, fmt: str, base_model: str | None) -> str:
             "mlx-lm:",
             "",
             "```sh",
-            f"mlx_lm.generate --model {base_arg} --adapter-path THIS_FOLDER --prompt \"Hello\"",
-            f"toss-mlx fuse --model {base_arg} --adapter THIS_FOLDER --out fused-model",
+            f"mlx_lm.generate --model {_sh(base_arg)} --adapter-path THIS_FOLDER --prompt \"Hello\"",
+            f"toss-mlx fuse --model {_sh(base_arg)} --adapter THIS_FOLDER --out fused-model",
             "```",
             "",
             "```python",
             "from mlx_lm import load",
-            f'model, tokenizer = load("{base_arg}", adapter_path="THIS_FOLDER")',
+            f'model, tokenizer = load({_py(base_arg)}, adapter_path="THIS_FOLDER")',
             "```",
             "",
             "For transformers + PEFT, vLLM, llama.cpp or Ollama, export with "
@@ -381,6 +421,9 @@ def check_output(out: Path, *sources: Path) -> None:
         if src == out or out in src.parents:
             raise TossError(f"{out}: the output folder would replace the input {src}; "
                             "choose another --out")
+        if src in out.parents:
+            raise TossError(f"{out}: the output folder is inside the input {src}; "
+                            "choose an --out outside it")
 
 
 def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "mlx",
@@ -401,6 +444,7 @@ def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: 
     adapter = read_adapter(adapter_dir)
     out = Path(out)
     check_output(out, adapter.folder)
+    check_writable(out, "export folder", folder=True)
     base_model = base_model_id or recorded_base_model(adapter.config)
     if fmt == "peft":
         weights, peft_config = to_peft(adapter, hub_id(base_model))
@@ -408,8 +452,11 @@ def export_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: 
     with atomic_dir(out, replaceable=is_earlier_output) as tmp:
         if fmt == "peft":
             write_json(tmp / "adapter_config.json", peft_config)
-            mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights,
-                                metadata={"format": "pt"})
+            try:
+                mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights,
+                                    metadata={"format": "pt"})
+            except RuntimeError as e:  # mlx's "[write] Unable to write": usually a full disk
+                raise write_failed(out / "adapter_model.safetensors", e) from None
         else:
             shutil.copyfile(adapter.folder / "adapter_config.json", tmp / "adapter_config.json")
             shutil.copyfile(adapter.folder / "adapters.safetensors", tmp / "adapters.safetensors")

@@ -42,6 +42,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .checks import check_writable
 from .export import (
     README_MARK,
     Adapter,
@@ -862,6 +863,7 @@ def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, fmt: str
     arch = gguf_arch(config, base_model)
     if out.exists() and any(out.iterdir()) and not is_earlier_output(out):
         raise TossError(f"{out}: folder exists and holds other files; choose another --out or empty it")
+    check_writable(out, "export folder", folder=True)  # before any weights are loaded (issue 17)
     label = name or f"{model_dir.name}-toss"
     result = GGUFExport(out, fmt, arch=arch, quant=quant if fmt != "gguf-lora" else "f32")
     if fmt == "gguf-lora":

@@ -18,8 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .checks import check_writable
 from .export import check_output, is_earlier_output, read_adapter
-from .io import TossError, atomic_dir
+from .io import TossError, atomic_dir, write_failed
 from .models.load import apply_adapter, is_quantized, resolve_model_path
 
 README_MARK = "<!-- written by toss-mlx fuse -->"
@@ -98,14 +99,15 @@ def fuse_adapter(model_spec: str, adapter_dir: str | os.PathLike, out: str | os.
     path = resolve_model_path(model_spec)
     sources = [adapter_dir] + ([Path(path)] if Path(path).exists() else [])
     check_output(out, *sources)
+    check_writable(out, "fused model folder", folder=True)  # before loading the model
     if out.exists() and any(out.iterdir()) and not _is_fused_model(out):
         raise TossError(f"{out}: folder exists and holds other files; "
                         "choose another --out or empty it")
     try:
         # mlx_lm.load keeps the stored dtype and quantization (load_model would dequantize).
         model, tokenizer, config = load(path, return_config=True)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise TossError(f"{model_spec}: could not load the model ({e})") from None
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: truncated weights
+        raise TossError(f"{model_spec}: could not load the model ({' '.join(str(e).split())})") from None
     apply_adapter(model, adapter_dir)
     count = fuse_layers(model, dequantize=dequantize)
     if dequantize:
@@ -114,7 +116,10 @@ def fuse_adapter(model_spec: str, adapter_dir: str | os.PathLike, out: str | os.
         config.pop("quantization_config", None)
     quantized = is_quantized(model)
     with atomic_dir(out, replaceable=_is_fused_model) as tmp:
-        save(tmp, path, model, tokenizer, config, donate_model=False)
+        try:
+            save(tmp, path, model, tokenizer, config, donate_model=False)
+        except RuntimeError as e:  # mlx's "[write] Unable to write": usually a full disk
+            raise write_failed(out, e) from None
         with open(tmp / "README.md", "a") as f:
             f.write(_readme(model_spec, adapter_dir, quantized, config))
     return FuseResult(out, count, quantized)

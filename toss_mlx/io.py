@@ -32,7 +32,11 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds.
+
+    On any failure (disk full included) the temp file is removed, and so is a sibling
+    `<temp>.safetensors` that writers appending a suffix (mx.save_safetensors) leave.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,8 +47,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, tmp.with_name(tmp.name + ".safetensors")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 @contextlib.contextmanager
@@ -79,6 +84,23 @@ def atomic_dir(path: str | os.PathLike,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def write_failed(path: str | os.PathLike, exc: BaseException) -> TossError:
+    """The error for a writer that failed without an errno (mlx raises RuntimeError('[write] ...')).
+
+    The usual cause is a full disk, so the message says how much space is left.
+    """
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    reason = " ".join(str(exc).split())
+    if "os error 28" in reason or (free is not None and free < 1 << 20):
+        return TossError(f"{path}: no space left on the device ({free or 0:,} bytes free; {reason}); "
+                         "free some space and rerun the same command (finished work is kept)")
+    return TossError(f"{path}: could not write ({reason})")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -122,7 +144,14 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray],
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     with atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata=meta)
+        try:
+            save_file(arrays, str(tmp), metadata=meta)
+        except OSError:
+            raise
+        except Exception as e:  # SafetensorError("... No space left on device (os error 28)")
+            raise write_failed(path, e) from None
+        # save_file replaces the temp file by a new one (mode 0600); give it the user's umask.
+        os.chmod(tmp, 0o666 & ~_umask())
 
 
 def load_arrays(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -4,7 +4,7 @@ The arrays and their metadata are described once, in README.md ("Files":
 `scores.safetensors` and `mask.safetensors`). This module is the one place that:
 - reads and checks them: `load_scores` -> `Scores`, `load_mask` -> `Mask` (checked
   against the samples and the data fingerprint they must belong to);
-- says where a token sits in its answer: `answer_positions`, and counts removal by
+- says where a token sits in its answer: `answer_positions`, `answer_ends`, and counts removal by
   position (`removal_by_position` over `SUMMARY_BUCKETS` or `CHART_BUCKETS`);
 - counts removal by a grouping of rows (`removal_by_group`) and, from that, the
   detector's precision and recall (`detector_figures`);
@@ -168,6 +168,18 @@ def answer_positions(offsets: np.ndarray, response_mask: np.ndarray) -> np.ndarr
     starts = scored & (~prev | sample_start)
     run_start = np.maximum.accumulate(np.where(starts, idx, 0))
     return np.where(scored, idx - run_start, -1)
+
+
+def answer_ends(offsets: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
+    """bool [T]: the last token of each assistant turn (the end-of-turn / eos token the chat
+    template closes an answer with, when the data renders one), turns as in `answer_positions`."""
+    scored = response_mask.astype(bool)
+    T = len(scored)
+    sample_end = np.zeros(T, bool)
+    ends = offsets[1:] - 1
+    sample_end[ends[(ends >= 0) & (ends < T)]] = True
+    nxt = np.concatenate([scored[1:], [False]])
+    return scored & (~nxt | sample_end)
 
 
 def removal_by_position(offsets: np.ndarray, response_mask: np.ndarray, removed: np.ndarray,

@@ -1,40 +1,56 @@
 """The whole method from one recipe: `toss-mlx run RECIPE.yaml`.
 
-Stages, in order (each writes into RUN_DIR/<stage>/):
+Stages, in order (each writes into RUN_DIR/<stage>/, named by `RunLayout`):
   prepare   build the data files from packaged data sets (when `data.prepare` is set)
   utility   train the utility-oriented reference adapter on `data.utility`
   safety    train the safety-degraded reference adapter on `data.harmful`
   refine    TOSS-Pro rounds (when `toss.rounds > 0`): grow the harmful set, retrain safety
-  score     score every response token of `data.custom` with both references
+  score     score every response token of `data.custom` with both references (after
+            TOSS-Pro: take the final scores refine computed, no second scoring)
   select    keep_mask: drop the top `toss.ratio` share of tokens
   final     train the final adapter on the kept tokens
   eval      safety and utility of the base and the final adapter (when eval data is given)
   report    report.html: token heatmap, score histogram, position plot, metrics
-  export    the final adapter in `export.format` (PEFT by default)
+  export    the final adapter in `export` (PEFT by default)
 
-RUN_DIR/manifest.json records, for every stage, a key (a hash of its settings
-and of the files it reads) and what it wrote. Running again skips a stage whose
-key is unchanged and whose outputs exist, so changing `toss.ratio` reruns only
-select, final, eval, report and export. A stage killed midway is started again
-with resume on: the trainer and the scorer pick up where they stopped.
+Each stage is a function (recipe, layout, upstream) -> StagePlan: the settings object
+it runs and a `run(resume)` that returns its outputs. `upstream` holds what earlier
+stages returned, so a stage reads the files the stage before it wrote, never a path
+it guesses. A stage's key is `cache.cache_key` of its settings object, with every
+input file or adapter it names hashed by content (see `stage_key`).
+
+RUN_DIR/manifest.json records each stage's key, settings and outputs. Running again
+skips a stage whose key is unchanged and whose outputs exist, so changing
+`toss.ratio` reruns only select, final, eval, report and export. A stage killed
+midway is started again with resume on: the trainer, the scorer and TOSS-Pro's rounds
+pick up where they stopped. The base model is named, not hashed: a model folder
+edited in place is not noticed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import inspect
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional, get_type_hints
 
-from .config import build_config, merge, parse_overrides, read_yaml
-from .io import TossError, read_json, sha256_bytes, sha256_file, write_json, write_text
+from .cache import cache_key
+from .checks import check_writable, hold
+from .config import build_config, merge, parse_overrides, problems_of, read_yaml
+from .data import check_text_files
+from .io import TossError, atomic_path, read_json, write_json, write_text
 from .models.lora import LoraSettings
+from .train import TrainSettings
 
 STAGES = ("prepare", "utility", "safety", "refine", "score", "select", "final", "eval",
           "report", "export")
+DATA_FILES = ("custom", "harmful", "utility", "valid", "eval_harmful", "eval_edgy", "eval_task",
+              "eval_prefill")
 
 
 # ---------------------------------------------------------------- the recipe
@@ -51,6 +67,8 @@ class DataFiles:
     eval_harmful: str | None = "eval_harmful.jsonl"  # harmful prompts: refusal rate
     eval_edgy: str | None = "eval_edgy.jsonl"  # benign but edgy prompts: over-refusal
     eval_task: str | None = "eval_task.jsonl"  # held-out task problems with answers: utility
+    eval_prefill: str | None = None  # harmful prompt + answer pairs: prefill attack, NLL/KL by position
+    eval_harmful_sets: dict[str, str] = field(default_factory=dict)  # more harmful sets: name -> file
 
 
 @dataclass
@@ -64,6 +82,23 @@ class TossSettings:
     batch_tokens: int = 4096  # scorer's token budget per batch
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from .select import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r} (expected one of "
+                             f"{', '.join(STRATEGIES)})")
+        if self.strategy in ("first-k", "sample-filter") and self.level != "global":
+            raise ValueError(f"strategy {self.strategy} has no per-sample level; leave level at global")
+        if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):  # NaN fails too
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be 0 or more, got {self.rounds}")
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be at least 1, got {self.batch_tokens}")
+
 
 @dataclass
 class EvalOptions:
@@ -73,10 +108,47 @@ class EvalOptions:
     judge: str | None = None
 
 
+# TrainSettings fields a recipe cannot set in `train:` / `reference:`: the stage's files
+# and output folder come from the run layout, the model, template, length, seed and LoRA
+# from the recipe's top level (so both references and the final model share them).
+PIPELINE_SET = {"model": "the recipe's top-level `model`", "data": "the stage (data.*)",
+                "out": "the run layout", "mask": "the select stage", "valid": "data.valid",
+                "init_adapter": "the stage", "resume": "the manifest", "overwrite": "the manifest",
+                "quiet": "the pipeline", "lora": "the recipe's top-level `lora`",
+                "template": "the recipe's top-level `template`",
+                "max_seq_len": "the recipe's top-level `max_seq_len`",
+                "seed": "the recipe's top-level `seed`",
+                "dtype": "the recipe's top-level `dtype`",
+                "keep_quantized": "the recipe's top-level `keep_quantized`"}
+
+
+def _train_options_class() -> type:
+    """TrainOptions: every `toss-mlx train` setting a recipe may set, each optional (None: the
+    default). Built from TrainSettings' own fields, so the two never drift apart."""
+    hints = get_type_hints(TrainSettings)
+    fields = [(f.name, Optional[hints[f.name]], dataclasses.field(default=None))  # noqa: UP045
+              for f in dataclasses.fields(TrainSettings) if f.name not in PIPELINE_SET]
+    cls = dataclasses.make_dataclass("TrainOptions", fields)
+    cls.__module__, cls.__doc__ = __name__, _train_options_class.__doc__
+    return cls
+
+
+TrainOptions = _train_options_class()
+
+
+def options_dict(options: Any) -> dict[str, Any]:
+    """The settings a TrainOptions sets (its non-None fields)."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if getattr(options, f.name) is not None}
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 @dataclass
 class Recipe:
-    name: str = "toss-run"
-    model: str = "smollm2-135m-instruct"
+    model: str = ""  # required: a registry name, a model folder or a hub id
+    name: str = "toss-run"  # the run folder runs/<name> (a plain name, no path)
     template: Literal["chat", "plain"] = "chat"
     max_seq_len: int = 2048
     seed: int = 42
@@ -85,8 +157,8 @@ class Recipe:
     keep_quantized: bool = False
     data: DataFiles = field(default_factory=DataFiles)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    train: dict[str, Any] = field(default_factory=dict)  # settings of `toss-mlx train` (final)
-    reference: dict[str, Any] = field(default_factory=dict)  # overrides for the two references
+    train: TrainOptions = field(default_factory=TrainOptions)  # the final fine-tune
+    reference: TrainOptions = field(default_factory=TrainOptions)  # over `train`, for the references
     toss: TossSettings = field(default_factory=TossSettings)
     eval: EvalOptions = field(default_factory=EvalOptions)
     # One format or a list (`export: [peft, gguf]`); the GGUF ones are written from `model`.
@@ -94,33 +166,78 @@ class Recipe:
         default_factory=lambda: ["peft"])
 
     def __post_init__(self) -> None:
-        if not 0 < self.toss.ratio < 1:
-            raise ValueError(f"toss.ratio must be in (0, 1), got {self.toss.ratio}")
-        if self.toss.rounds < 0:
-            raise ValueError(f"toss.rounds must be 0 or more, got {self.toss.rounds}")
+        if not self.model:
+            raise ValueError("model: required (a registry name such as smollm2-135m-instruct, "
+                             "a model folder or a hub id); there is no default model")
+        if not _NAME.fullmatch(self.name) or ".." in self.name:
+            raise ValueError(f"name: {self.name!r} must be a plain folder name (letters, digits, "
+                             "'.', '_', '-'; no '/', no '..'): the run folder is runs/<name>")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
+
+    def reference_options(self) -> dict[str, Any]:
+        """The references' train settings: `train`, overridden by `reference`."""
+        return {**options_dict(self.train), **options_dict(self.reference)}
+
+
+def _custom_rows(recipe: Recipe, base: Path) -> int | None:
+    """How many rows the custom data has, when that is known before any compute."""
+    if recipe.data.prepare == "quickstart":
+        from .prepare import build_quickstart
+
+        params = inspect.signature(build_quickstart).parameters
+        sizes = {k: params[k].default for k in ("n_task", "n_harmful_custom")}
+        sizes.update({k: v for k, v in recipe.data.prepare_sizes.items() if k in sizes})
+        return int(sizes["n_task"]) + int(sizes["n_harmful_custom"])
+    path = base / recipe.data.custom
+    if path.suffix.lower() == ".jsonl" and path.is_file():
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return None
+
+
+def _plan_problems(recipe: Recipe, base: Path) -> list[str]:
+    """What would fail later, found now: every stage's settings are built (and checked)."""
+    problems: list[str] = []
+    layout = RunLayout(Path("runs") / recipe.name, base)
+    files = {name: Path(f"{name}.jsonl") for name in DATA_FILES}
+    # The two references share their settings; the final model has its own.
+    for section, stage, options in (("reference", "utility", recipe.reference_options()),
+                                    ("train", "final", options_dict(recipe.train))):
+        try:
+            _train_settings(recipe, options, files["custom"], layout.adapter(stage))
+        except TossError as e:
+            problems += [f"{section}: {line.removeprefix('TrainSettings: ')}"
+                         for line in problems_of(e, "recipe")]
+    if recipe.toss.rounds:
+        n = _custom_rows(recipe, base)
+        if n is not None and recipe.toss.k * recipe.toss.rounds > n:
+            problems.append(f"toss: k={recipe.toss.k} x rounds={recipe.toss.rounds} is more than "
+                            f"the {n} samples of data.custom")
+    return problems
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
     """Read and validate a recipe; every problem is reported at once, before any compute."""
-    from .train import TrainSettings
-
     path = Path(path)
+    if path.is_dir():
+        raise TossError(f"{path}: is a folder; give a recipe YAML file (see `toss-mlx init`)")
     raw = merge(read_yaml(path), parse_overrides(overrides or []))
     problems: list[str] = []
-
-    def collect(fn: Callable[[], Any], prefix: str = "") -> Any:
-        try:
-            return fn()
-        except TossError as e:
-            problems.extend(prefix + line.strip() for line in str(e).splitlines()[1:] or [str(e)])
-            return None
-
-    recipe = collect(lambda: build_config(Recipe, raw, source=str(path)))
-    for key in ("train", "reference"):  # checked as `toss-mlx train` would check them
-        extra = raw.get(key) or {}
-        if isinstance(extra, dict):
-            collect(lambda extra=extra, key=key: build_config(TrainSettings, {"model": "m", "data": "d"},
-                                                     extra, source=key), f"{key}.")
+    for section in ("train", "reference"):
+        options = raw.get(section)
+        if isinstance(options, dict):
+            for key in list(options):
+                name = str(key).replace("-", "_")
+                if name in PIPELINE_SET:
+                    problems.append(f"{section}.{key}: not settable in a recipe (set by "
+                                    f"{PIPELINE_SET[name]})")
+                    del options[key]
+    recipe = None
+    try:
+        recipe = build_config(Recipe, raw, source=str(path))
+    except TossError as e:
+        problems += [line.removeprefix("Recipe: ") for line in problems_of(e, str(path))]
     base = path.parent
     files = {**{f.name: f.default for f in dataclasses.fields(DataFiles)}, **(raw.get("data") or {})}
     if not files.get("prepare"):
@@ -129,263 +246,492 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
                 continue
             if not (base / value).exists():
                 problems.append(f"data.{name}: {base / value} not found")
+    if recipe is not None:
+        problems += _plan_problems(recipe, base)
+    if len(problems) == 1:
+        raise TossError(f"{path}: invalid recipe: {problems[0]}")
     if problems:
         raise TossError(f"{path}: invalid recipe:\n  " + "\n  ".join(problems))
     return recipe, base
 
 
-def _train_settings(recipe: Recipe, extra: dict[str, Any], base: Path, data: str, out: str,
-                    **more: Any):
-    from .train import TrainSettings
+# ---------------------------------------------------------------- the run folder
 
-    layer = {"model": recipe.model, "template": recipe.template, "max_seq_len": recipe.max_seq_len,
-             "seed": recipe.seed, "lora": dataclasses.asdict(recipe.lora),
-             "dtype": recipe.dtype, "keep_quantized": recipe.keep_quantized}
-    layer.update({"data": data, "out": out, "quiet": True})
-    return build_config(TrainSettings, layer, recipe.train if extra is recipe.reference else {},
-                        extra, more, source="recipe")
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The one place that names a run's paths: RUN_DIR/<stage>/..., and the recipe's folder."""
+
+    run_dir: Path
+    recipe_dir: Path  # data paths of a recipe are relative to it
+
+    @property
+    def manifest(self) -> Path:
+        return self.run_dir / "manifest.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.run_dir / "summary.json"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def adapter(self, stage: str) -> Path:
+        """utility, safety, final: the stage's adapter folder."""
+        return self.stage_dir(stage) / "adapter"
+
+    def result(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "result.json"
+
+    @property
+    def prepared(self) -> Path:
+        return self.stage_dir("prepare")
+
+    @property
+    def refine_dir(self) -> Path:
+        return self.stage_dir("refine")
+
+    @property
+    def scores(self) -> Path:
+        return self.stage_dir("score") / "scores.safetensors"
+
+    @property
+    def mask(self) -> Path:
+        return self.stage_dir("select") / "mask.safetensors"
+
+    @property
+    def selection(self) -> Path:
+        return self.stage_dir("select") / "summary.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.stage_dir("eval") / "eval.json"
+
+    @property
+    def report(self) -> Path:
+        return self.stage_dir("report") / "report.html"
+
+    def export(self, export_format: str) -> Path:
+        return self.stage_dir("export") / export_format
+
+
+def run_dir_of(recipe: Recipe, out: str | Path | None) -> Path:
+    """--out as given, else runs/<name> (the name is a plain folder name, checked in Recipe)."""
+    return Path(out) if out is not None else Path("runs") / recipe.name
 
 
 # ---------------------------------------------------------------- the manifest
 
 
-def fingerprint_path(path: str | Path) -> str:
-    """A hash of a file, or of the files of a folder (an adapter)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        return sha256_bytes("".join(f"{f.relative_to(p)}:{sha256_file(f)}\n" for f in files))
-    return sha256_file(p)
+# Settings fields that name a file or folder the stage reads: the key hashes their content.
+INPUT_FIELDS = frozenset({"data", "mask", "valid", "init_adapter", "utility", "safety", "harmful",
+                          "benign", "edgy", "adapters", "scores", "adapter", "prefill_harmful",
+                          "harmful_sets"})
+
+
+def _with_input_paths(settings: Any) -> Any:
+    """The settings as a dict, with each input field's value as a Path (content-hashed)."""
+    def as_path(value: Any) -> Any:
+        if isinstance(value, (str, Path)) and value:
+            return Path(value)
+        if isinstance(value, dict):
+            return {k: as_path(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [as_path(v) for v in value]
+        return value
+
+    if not dataclasses.is_dataclass(settings):
+        return settings
+    view = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        view[f.name] = as_path(value) if f.name in INPUT_FIELDS else _with_input_paths(value)
+    return {"type": type(settings).__name__, "fields": view}
+
+
+def stage_key(settings: Any) -> str:
+    """cache_key of the settings object a stage runs, with its input files hashed by content."""
+    return cache_key(_with_input_paths(settings))
+
+
+def _settings_record(settings: Any) -> Any:
+    """The settings as JSON for the manifest (paths as strings)."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(settings), default=str))
 
 
 class Manifest:
-    """RUN_DIR/manifest.json: each stage's key, inputs and outputs."""
+    """RUN_DIR/manifest.json: each stage's key (see `stage_key`), settings and outputs."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "manifest.json"
-        self.data = read_json(self.path) if self.path.exists() else {"stages": {}}
+    def __init__(self, path: Path):
+        self.path = path
+        self.doc = read_json(path) if path.exists() else {"stages": {}}
 
     def done(self, stage: str, key: str) -> bool:
-        entry = self.data["stages"].get(stage)
+        entry = self.doc["stages"].get(stage)
         return bool(entry and entry.get("key") == key and entry.get("status") == "done"
                     and all(Path(p).exists() for p in entry.get("outputs", {}).values()))
 
     def started_with(self, stage: str, key: str) -> bool:
-        entry = self.data["stages"].get(stage)
+        entry = self.doc["stages"].get(stage)
         return bool(entry and entry.get("key") == key)
 
+    def outputs(self, stage: str) -> dict[str, Path]:
+        return {k: Path(v) for k, v in self.doc["stages"][stage]["outputs"].items()}
+
     def describe(self, **info: Any) -> None:
-        self.data.update(info)
-        write_json(self.path, self.data)
+        self.doc.update(info)
+        write_json(self.path, self.doc)
 
     def record(self, stage: str, **entry: Any) -> None:
-        self.data["stages"][stage] = {**self.data["stages"].get(stage, {}), **entry}
-        write_json(self.path, self.data)
-
-
-@dataclass
-class Stage:
-    name: str
-    inputs: dict[str, Any]  # settings and the paths of files it reads
-    run: Callable[[Path, bool], dict[str, str]]  # (stage_dir, resume) -> outputs {name: path}
-
-
-def stage_key(inputs: dict[str, Any]) -> str:
-    """Settings as they are, file paths replaced by their content hashes."""
-    def norm(v: Any) -> Any:
-        if isinstance(v, Path):
-            return fingerprint_path(v) if v.exists() else f"missing:{v}"
-        if isinstance(v, dict):
-            return {k: norm(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [norm(x) for x in v]
-        return v
-    return sha256_bytes(json.dumps(norm(inputs), sort_keys=True, default=str))
-
-
-def run_stages(run_dir: Path, stages: list[Stage], say: Callable[[str], None]) -> dict[str, dict]:
-    """Run each stage unless the manifest says it is done with the same inputs."""
-    manifest = Manifest(run_dir)
-    outputs: dict[str, dict] = {}
-    for stage in stages:
-        key = stage_key(stage.inputs)
-        if manifest.done(stage.name, key):
-            say(f"[{stage.name}] unchanged, skipped")
-            outputs[stage.name] = manifest.data["stages"][stage.name]["outputs"]
-            continue
-        resume = manifest.started_with(stage.name, key)
-        say(f"[{stage.name}] {'resuming' if resume else 'running'}")
-        manifest.record(stage.name, key=key, status="running", started=time.time(),
-                        inputs=json.loads(json.dumps(stage.inputs, default=str)))
-        tic = time.time()
-        stage_dir = run_dir / stage.name
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        result = stage.run(stage_dir, resume)
-        manifest.record(stage.name, status="done", outputs={k: str(v) for k, v in result.items()},
-                        seconds=round(time.time() - tic, 1))
-        outputs[stage.name] = {k: str(v) for k, v in result.items()}
-    return outputs
+        self.doc["stages"][stage] = {**self.doc["stages"].get(stage, {}), **entry}
+        write_json(self.path, self.doc)
 
 
 # ---------------------------------------------------------------- the stages
 
 
-def build_stages(recipe: Recipe, base: Path, run_dir: Path) -> list[Stage]:
-    """The recipe's stages with fixed output paths, so later stages can name their inputs."""
-    from . import prepare, train
+Upstream = dict[str, dict[str, Path]]  # stage -> the outputs it returned {name: path}
+Say = Callable[[str], None]
 
-    data_dir = run_dir / "prepare" if recipe.data.prepare else base
 
-    def data(name: str) -> Path | None:
-        value = getattr(recipe.data, name)
-        return None if value is None else data_dir / value
+@dataclass
+class StagePlan:
+    settings: Any  # the settings object the stage runs; `stage_key(settings)` is its key
+    run: Callable[[bool, Say], dict[str, Path]]  # (resume, say) -> outputs {name: path}
 
-    custom = data("custom")
-    utility_dir, safety_dir = run_dir / "utility" / "adapter", run_dir / "safety" / "adapter"
-    refine_dir = run_dir / "refine"
-    final_safety = refine_dir / "safety-final" if recipe.toss.rounds else safety_dir
-    scores, mask = run_dir / "score" / "scores.safetensors", run_dir / "select" / "mask.safetensors"
-    final_dir = run_dir / "final" / "adapter"
-    stages: list[Stage] = []
-    # In the score and eval stages' keys only when set, so that earlier run folders keep theirs.
-    loading = {k: v for k, v in (("dtype", recipe.dtype), ("keep_quantized", recipe.keep_quantized)) if v}
 
+@dataclass
+class PrepareSettings:
+    kind: str
+    sizes: dict[str, int]
+    seed: int
+    out: str
+
+
+@dataclass
+class RefinedScores:
+    """The score stage after TOSS-Pro: refine's final scores, taken as they are."""
+
+    scores: str
+    out: str
+
+
+@dataclass
+class SelectStageSettings:
+    scores: str
+    out: str
+    ratio: float
+    level: str
+    strategy: str
+    seed: int
+
+
+@dataclass
+class ReportStageSettings:
+    scores: str
+    mask: str
+    data: str
+    evals: list[str]
+    model: str
+    title: str
+    out: str
+
+
+@dataclass
+class ExportStageSettings:
+    adapter: str
+    export_formats: list[str]
+    model: str  # the GGUF formats fuse the adapter into it
+    out: str
+
+
+def data_files(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> dict[str, Path | None]:
+    """The recipe's data files: written by the prepare stage, or next to the recipe."""
     if recipe.data.prepare:
-        def run_prepare(out: Path, resume: bool) -> dict[str, Path]:
-            prepare.build_quickstart(out, seed=recipe.seed, **recipe.data.prepare_sizes)
-            return {n: out / getattr(recipe.data, n) for n in ("custom", "harmful", "utility")}
-        stages.append(Stage("prepare", {"kind": recipe.data.prepare, "sizes": recipe.data.prepare_sizes,
-                                        "seed": recipe.seed, "version": 1}, run_prepare))
+        made = upstream["prepare"]
+        return {name: made.get(name) for name in DATA_FILES}
+    return {name: None if getattr(recipe.data, name) is None
+            else layout.recipe_dir / getattr(recipe.data, name) for name in DATA_FILES}
 
-    def trainer(name: str, data_file: Path, out: Path, extra: dict[str, Any], **more: Any) -> Stage:
-        settings = _train_settings(recipe, extra, base, str(data_file), str(out), **more)
 
-        def run(stage_dir: Path, resume: bool) -> dict[str, Path]:
-            s = dataclasses.replace(settings, resume=resume, overwrite=not resume)
-            result = train.train(s)
-            write_json(stage_dir / "result.json", result.to_json())
-            return {"adapter": out / "adapters.safetensors", "result": stage_dir / "result.json"}
-        inputs = dataclasses.asdict(settings)
-        inputs.update(data=data_file, mask=Path(settings.mask) if settings.mask else None)
-        return Stage(name, inputs, run)
+def harmful_sets(recipe: Recipe, layout: RunLayout) -> dict[str, Path]:
+    """The recipe's extra harmful prompt sets (name -> file), each reported apart by eval."""
+    folder = layout.prepared if recipe.data.prepare else layout.recipe_dir
+    return {name: folder / file for name, file in recipe.data.eval_harmful_sets.items()}
 
-    stages.append(trainer("utility", data("utility"), utility_dir, recipe.reference))
-    stages.append(trainer("safety", data("harmful"), safety_dir, recipe.reference))
 
-    if recipe.toss.rounds:
-        from . import refine
+def _train_settings(recipe: Recipe, options: dict[str, Any], data_file: Path, out: Path,
+                    **files: Path | None) -> TrainSettings:
+    """A stage's TrainSettings: the recipe's shared settings, the stage's options, its files."""
+    shared = {"model": recipe.model, "template": recipe.template, "max_seq_len": recipe.max_seq_len,
+              "seed": recipe.seed, "lora": dataclasses.asdict(recipe.lora), "dtype": recipe.dtype,
+              "keep_quantized": recipe.keep_quantized}
+    stage = {"data": str(data_file), "out": str(out), "quiet": True,
+             **{k: str(v) for k, v in files.items() if v is not None}}
+    return build_config(TrainSettings, shared, options, stage, source="recipe")
 
-        def run_refine(out: Path, resume: bool) -> dict[str, Path]:
-            settings = _train_settings(recipe, recipe.reference, base, str(data("harmful")), "x")
-            result = refine.refine(refine.RefineSettings(
-                data=str(custom), harmful=str(data("harmful")), utility=str(utility_dir),
-                safety=str(safety_dir), rounds=recipe.toss.rounds, k=recipe.toss.k,
-                retrain=recipe.toss.retrain, out=str(refine_dir), train=settings,
-                batch_tokens=recipe.toss.batch_tokens, quiet=True))
-            return {"safety": result.final_safety / "adapters.safetensors",
-                    "rounds": refine_dir / "rounds.json"}
-        stages.append(Stage("refine", {"toss": dataclasses.asdict(recipe.toss), "data": custom,
-                                       "harmful": data("harmful"), "utility": utility_dir,
-                                       "safety": safety_dir, "reference": recipe.reference,
-                                       **loading},
-                            run_refine))
 
-    def run_score(out: Path, resume: bool) -> dict[str, Path]:
-        from .score import ScoreSettings, score
+def _trainer(stage: str, settings: TrainSettings, layout: RunLayout) -> StagePlan:
+    def run(resume: bool, say: Say) -> dict[str, Path]:
+        from .train import train
 
-        score(ScoreSettings(model=recipe.model, utility=str(utility_dir), safety=str(final_safety),
-                            data=str(custom), out=str(scores), template=recipe.template,
-                            max_seq_len=recipe.max_seq_len, batch_tokens=recipe.toss.batch_tokens,
-                            quiet=True, **loading))
-        return {"scores": scores}
-    stages.append(Stage("score", {"model": recipe.model, "utility": utility_dir, "safety": final_safety,
-                                  "data": custom, "template": recipe.template,
-                                  "max_seq_len": recipe.max_seq_len, **loading}, run_score))
+        result = train(dataclasses.replace(settings, resume=resume, overwrite=not resume))
+        write_json(layout.result(stage), result.to_json())
+        return {"adapter": Path(settings.out), "result": layout.result(stage)}
+    return StagePlan(settings, run)
 
-    def run_select(out: Path, resume: bool) -> dict[str, Path]:
+
+def prepare_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    settings = PrepareSettings(str(recipe.data.prepare), dict(recipe.data.prepare_sizes),
+                               recipe.seed, str(layout.prepared))
+
+    def run(resume: bool, say: Say) -> dict[str, Path]:
+        from .prepare import build_quickstart
+
+        build_quickstart(settings.out, seed=settings.seed, **settings.sizes)
+        names = {name: getattr(recipe.data, name) for name in DATA_FILES}
+        return {name: Path(settings.out) / value for name, value in names.items()
+                if value is not None and (Path(settings.out) / value).exists()}
+    return StagePlan(settings, run)
+
+
+def utility_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    files = data_files(recipe, layout, upstream)
+    return _trainer("utility", _train_settings(recipe, recipe.reference_options(), files["utility"],
+                                               layout.adapter("utility")), layout)
+
+
+def safety_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    files = data_files(recipe, layout, upstream)
+    return _trainer("safety", _train_settings(recipe, recipe.reference_options(), files["harmful"],
+                                              layout.adapter("safety")), layout)
+
+
+def refine_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    from .refine import RefineSettings, refine
+
+    files = data_files(recipe, layout, upstream)
+    safety_train = _train_settings(recipe, recipe.reference_options(), files["harmful"],
+                                   layout.refine_dir)  # data and out are set per round by refine
+    settings = RefineSettings(
+        data=str(files["custom"]), harmful=str(files["harmful"]),
+        utility=str(upstream["utility"]["adapter"]), safety=str(upstream["safety"]["adapter"]),
+        out=str(layout.refine_dir), train=safety_train, rounds=recipe.toss.rounds, k=recipe.toss.k,
+        retrain=recipe.toss.retrain, ratio=recipe.toss.ratio, batch_tokens=recipe.toss.batch_tokens,
+        quiet=True)
+
+    def run(resume: bool, say: Say) -> dict[str, Path]:
+        result = refine(dataclasses.replace(settings, resume=resume), say=say)
+        return {"safety": result.final_safety, "scores": result.final_scores,
+                "rounds": result.summary}
+    return StagePlan(settings, run)
+
+
+def score_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    if "refine" in upstream:  # TOSS-Pro scored the data with its final safety model already
+        refined = RefinedScores(scores=str(upstream["refine"]["scores"]), out=str(layout.scores))
+
+        def adopt(resume: bool, say: Say) -> dict[str, Path]:
+            # A copy, so RUN_DIR/score/ holds the run's scores whichever way they were made.
+            with atomic_path(refined.out) as tmp:
+                shutil.copyfile(refined.scores, tmp)
+            return {"scores": Path(refined.out)}
+        return StagePlan(refined, adopt)
+
+    from .score import ScoreSettings
+
+    files = data_files(recipe, layout, upstream)
+    train = options_dict(recipe.train)
+    settings = ScoreSettings(model=recipe.model, utility=str(upstream["utility"]["adapter"]),
+                             safety=str(upstream["safety"]["adapter"]), data=str(files["custom"]),
+                             out=str(layout.scores), template=recipe.template,
+                             max_seq_len=recipe.max_seq_len, batch_tokens=recipe.toss.batch_tokens,
+                             fmt=train.get("format", "auto"),
+                             skip_bad_rows=train.get("skip_bad_rows", False), quiet=True,
+                             dtype=recipe.dtype, keep_quantized=recipe.keep_quantized)
+
+    def run(resume: bool, say: Say) -> dict[str, Path]:
+        from .score import score
+
+        score(settings)
+        return {"scores": Path(settings.out)}
+    return StagePlan(settings, run)
+
+
+def select_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    settings = SelectStageSettings(scores=str(upstream["score"]["scores"]), out=str(layout.mask),
+                                   ratio=recipe.toss.ratio, level=recipe.toss.level,
+                                   strategy=recipe.toss.strategy, seed=recipe.toss.seed)
+
+    def run(resume: bool, say: Say) -> dict[str, Path]:
         from .select import select
 
-        summary = select(str(scores), str(mask), ratio=recipe.toss.ratio, level=recipe.toss.level,
-                         strategy=recipe.toss.strategy, seed=recipe.toss.seed)
-        write_json(out / "summary.json", summary)
-        return {"mask": mask, "summary": out / "summary.json"}
-    stages.append(Stage("select", {"scores": scores, "toss": {
-        k: getattr(recipe.toss, k) for k in ("ratio", "level", "strategy", "seed")}}, run_select))
+        summary = select(settings.scores, settings.out, ratio=settings.ratio, level=settings.level,
+                         strategy=settings.strategy, seed=settings.seed)
+        write_json(layout.selection, summary)
+        return {"mask": Path(settings.out), "summary": layout.selection}
+    return StagePlan(settings, run)
 
-    stages.append(trainer("final", custom, final_dir, recipe.train, mask=str(mask)))
 
-    evals = {"harmful": data("eval_harmful"), "edgy": data("eval_edgy"), "benign": data("eval_task")}
-    if any(evals.values()):
-        def run_eval(out: Path, resume: bool) -> dict[str, Path]:
-            from .evaluate import EvalSettings, evaluate
+def final_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    files = data_files(recipe, layout, upstream)
+    settings = _train_settings(recipe, options_dict(recipe.train), files["custom"],
+                               layout.adapter("final"), mask=upstream["select"]["mask"],
+                               valid=files["valid"])
+    return _trainer("final", settings, layout)
 
-            s = EvalSettings(model=recipe.model, adapters={"toss": str(final_dir)},
-                             template=recipe.template, max_seq_len=recipe.max_seq_len,
-                             max_new_tokens=recipe.eval.max_new_tokens, decode=recipe.eval.decode,
-                             batch_size=recipe.eval.batch_size, judge=recipe.eval.judge,
-                             **{k: str(v) for k, v in evals.items() if v}, **loading)
-            evaluate(s, out / "eval.json", quiet=True)
-            return {"eval": out / "eval.json"}
-        stages.append(Stage("eval", {"final": final_dir, "eval": dataclasses.asdict(recipe.eval),
-                                     **evals, **loading}, run_eval))
 
-    def run_report(out: Path, resume: bool) -> dict[str, Path]:
+def eval_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    from .evaluate import EvalSettings
+
+    files = data_files(recipe, layout, upstream)
+    prompts = {"harmful": files["eval_harmful"], "edgy": files["eval_edgy"],
+               "benign": files["eval_task"]}
+    settings = EvalSettings(model=recipe.model, adapters={"toss": str(upstream["final"]["adapter"])},
+                            template=recipe.template, max_seq_len=recipe.max_seq_len,
+                            max_new_tokens=recipe.eval.max_new_tokens, decode=recipe.eval.decode,
+                            batch_size=recipe.eval.batch_size, judge=recipe.eval.judge,
+                            **{k: str(v) for k, v in prompts.items() if v},
+                            prefill_harmful=files["eval_prefill"] and str(files["eval_prefill"]),
+                            harmful_sets={k: str(v) for k, v in harmful_sets(recipe, layout).items()},
+                            dtype=recipe.dtype, keep_quantized=recipe.keep_quantized)
+
+    def run(resume: bool, say: Say) -> dict[str, Path]:
+        from .evaluate import evaluate
+
+        evaluate(settings, layout.eval, quiet=True)
+        return {"eval": layout.eval}
+    return StagePlan(settings, run)
+
+
+def report_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    files = data_files(recipe, layout, upstream)
+    settings = ReportStageSettings(
+        scores=str(upstream["score"]["scores"]), mask=str(upstream["select"]["mask"]),
+        data=str(files["custom"]), evals=[str(upstream["eval"]["eval"])] if "eval" in upstream else [],
+        model=recipe.model, title=f"TOSS report: {recipe.name}", out=str(layout.report))
+
+    def run(resume: bool, say: Say) -> dict[str, Path]:
         from .report import ReportInputs, build_report
 
-        inputs = ReportInputs(scores=scores, mask=mask, data=custom, model=recipe.model,
-                              evals=[p for p in [run_dir / "eval" / "eval.json"] if p.exists()])
-        build_report(inputs, out / "report.html", title=f"TOSS report: {recipe.name}")
-        return {"report": out / "report.html"}
-    stages.append(Stage("report", {"scores": scores, "mask": mask, "data": custom,
-                                   "eval": run_dir / "eval" / "eval.json", "version": 1}, run_report))
+        inputs = ReportInputs(scores=Path(settings.scores), mask=Path(settings.mask),
+                              data=Path(settings.data), evals=[Path(p) for p in settings.evals],
+                              model=settings.model)
+        build_report(inputs, settings.out, title=settings.title)
+        return {"report": Path(settings.out)}
+    return StagePlan(settings, run)
 
+
+def export_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
     formats = [f for f in recipe.export if f != "none"]
-    if formats:
-        def run_export(out: Path, resume: bool) -> dict[str, Path]:
-            from .export import export_adapter
+    settings = ExportStageSettings(adapter=str(upstream["final"]["adapter"]), export_formats=formats,
+                                   model=recipe.model, out=str(layout.stage_dir("export")))
 
-            for fmt in formats:
-                export_adapter(final_dir, out / fmt, fmt=fmt, model=recipe.model)
-            return {"export": out / formats[0], **{f"export_{f}": out / f for f in formats[1:]}}
-        stages.append(Stage("export", {"final": final_dir, "format": formats, "model": recipe.model},
-                            run_export))
+    def run(resume: bool, say: Say) -> dict[str, Path]:
+        from .export import export_adapter
+
+        for export_format in settings.export_formats:
+            export_adapter(settings.adapter, layout.export(export_format), fmt=export_format,
+                           model=settings.model)
+        first, *rest = settings.export_formats
+        return {"export": layout.export(first), **{f"export_{f}": layout.export(f) for f in rest}}
+    return StagePlan(settings, run)
+
+
+StageFn = Callable[[Recipe, RunLayout, Upstream], StagePlan]
+
+
+def stages_of(recipe: Recipe) -> list[tuple[str, StageFn]]:
+    """The recipe's stages, in order."""
+    stages: list[tuple[str, StageFn]] = []
+    if recipe.data.prepare:
+        stages.append(("prepare", prepare_stage))
+    stages += [("utility", utility_stage), ("safety", safety_stage)]
+    if recipe.toss.rounds:
+        stages.append(("refine", refine_stage))
+    stages += [("score", score_stage), ("select", select_stage), ("final", final_stage)]
+    if (any(getattr(recipe.data, name) for name in ("eval_harmful", "eval_edgy", "eval_task",
+                                                     "eval_prefill"))
+            or recipe.data.eval_harmful_sets):
+        stages.append(("eval", eval_stage))
+    stages.append(("report", report_stage))
+    if any(f != "none" for f in recipe.export):
+        stages.append(("export", export_stage))
     return stages
+
+
+def run_stages(recipe: Recipe, layout: RunLayout, stages: list[tuple[str, StageFn]],
+               say: Callable[[str], None]) -> Upstream:
+    """Run each stage unless the manifest says it is done with the same key."""
+    manifest = Manifest(layout.manifest)
+    upstream: Upstream = {}
+    for name, stage_fn in stages:
+        plan = stage_fn(recipe, layout, upstream)
+        key = stage_key(plan.settings)
+        if manifest.done(name, key):
+            say(f"[{name}] unchanged, skipped")
+            upstream[name] = manifest.outputs(name)
+            continue
+        resume = manifest.started_with(name, key)
+        say(f"[{name}] {'resuming' if resume else 'running'}")
+        manifest.record(name, key=key, status="running", started=time.time(),
+                        settings=_settings_record(plan.settings))
+        tic = time.time()
+        layout.stage_dir(name).mkdir(parents=True, exist_ok=True)
+        outputs = plan.run(resume, say)
+        manifest.record(name, status="done", outputs={k: str(v) for k, v in outputs.items()},
+                        seconds=round(time.time() - tic, 1))
+        upstream[name] = {k: Path(v) for k, v in outputs.items()}
+    return upstream
 
 
 def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | Path | None = None,
         only_until: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Validate the recipe, then run its stages in RUN_DIR (default runs/<name>)."""
+    """Validate the recipe, then run its stages in RUN_DIR (--out, default runs/<name>)."""
     recipe, base = load_recipe(recipe_path, overrides)
-    run_dir = Path(out or Path("runs") / recipe.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stages = build_stages(recipe, base, run_dir)
+    layout = RunLayout(run_dir_of(recipe, out), base)
+    if not recipe.data.prepare:  # non-UTF-8 data stops here, not after two trainings
+        check_text_files([p for p in data_files(recipe, layout, {}).values() if p is not None]
+                         + list(harmful_sets(recipe, layout).values()))
+    check_writable(layout.run_dir, "run folder", folder=True)
+    stages = stages_of(recipe)
     if only_until:
-        names = [s.name for s in stages]
+        names = [name for name, _ in stages]
         if only_until not in names:
             raise TossError(f"--until {only_until}: not a stage of this recipe ({', '.join(names)})")
         stages = stages[:names.index(only_until) + 1]
-    custom = (run_dir / "prepare" if recipe.data.prepare else base) / recipe.data.custom
+    if layout.run_dir.exists() and not layout.run_dir.is_dir():
+        raise TossError(f"{layout.run_dir}: exists and is not a folder; choose another --out")
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    hold(layout.run_dir)  # one `toss-mlx run` per run folder at a time
     # Top-level keys the report reads to find the model and the data of a run.
-    Manifest(run_dir).describe(recipe=dataclasses.asdict(recipe), model=recipe.model, data=str(custom))
-    outputs = run_stages(run_dir, stages, say)
-    result = {"run_dir": str(run_dir), "recipe": recipe.name, "outputs": outputs}
-    if "select" in outputs:
-        result["detector"] = detector_quality(Path(outputs["score"]["scores"]),
-                                              Path(outputs["select"]["mask"]), custom)
-    if "eval" in outputs:
-        result["eval"] = read_json(outputs["eval"]["eval"]).get("models")
-    write_json(run_dir / "summary.json", result)
+    Manifest(layout.manifest).describe(recipe=_settings_record(recipe), model=recipe.model)
+    upstream = run_stages(recipe, layout, stages, say)
+    custom = data_files(recipe, layout, upstream)["custom"]
+    Manifest(layout.manifest).describe(data=str(custom))
+    outputs = {stage: {k: str(v) for k, v in out.items()} for stage, out in upstream.items()}
+    result = {"run_dir": str(layout.run_dir), "recipe": recipe.name, "outputs": outputs}
+    if "select" in upstream:
+        result["detector"] = detector_quality(upstream["score"]["scores"], upstream["select"]["mask"],
+                                              custom, recipe.train.skip_bad_rows or False)
+    if "eval" in upstream:
+        result["eval"] = read_json(upstream["eval"]["eval"]).get("models")
+    write_json(layout.summary, result)
     return result
 
 
-def detector_quality(scores_path: Path, mask_path: Path, data: Path) -> dict[str, Any] | None:
+def detector_quality(scores_path: Path, mask_path: Path, data_path: Path,
+                     skip_bad_rows: bool = False) -> dict[str, Any] | None:
     """Where removed tokens fall, when the data says which rows are harmful (`source` field):
     `layout.detector_figures` (precision, recall, answer openings removed) of the harmful rows."""
     from .data import read_rows
     from .io import load_arrays
     from .layout import detector_figures, removal_by_group
 
-    harmful_rows = {r.index for r in read_rows(data) if r.data.get("source") == "harmful"}
+    harmful_rows = {r.index for r in read_rows(data_path, skip_bad_rows=skip_bad_rows)
+                    if r.data.get("source") == "harmful"}
     if not harmful_rows:
         return None
     scores, _ = load_arrays(scores_path, "scores file")
@@ -414,6 +760,12 @@ def summary_text(result: dict[str, Any]) -> str:
         metrics = entry.get("metrics", {})
         parts = [f"{key} {metrics[key]['value']:.3f} (n={metrics[key]['n']})"
                  for key in SUMMARY_METRICS if key in metrics]
+        # deep safety (issue 22): prefill recovery at K = 10, NLL gap to the base past position 5
+        for key, label in (("prefill_recovery@10", "prefill recovery K=10"),
+                           ("answer_nll_gap@6+", "NLL gap past token 5")):
+            if key in metrics:
+                value = metrics[key]["value"]
+                parts.append(f"{label} {value:.3f} (n={metrics[key]['n']})")
         lines.append(f"  {entry.get('name')}: " + ", ".join(parts))
     outputs = result.get("outputs", {})
     for stage, key in (("report", "report"), ("export", "export"), ("final", "adapter")):

@@ -114,3 +114,13 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def track(items, description: str, enabled: bool = True):
+    """Iterate over `items` under one bar (no tok/s figure); plain iteration when not enabled."""
+    items = list(items)
+    with Progress(enabled=enabled) as progress:
+        task = progress.task(description, total=len(items), tokens=False)
+        for item in items:
+            yield item
+            task.advance(1)

@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from .charts import bars_svg, histogram_svg, scatter_svg
+from .charts import bars_svg, histogram_svg, lines_svg, scatter_svg
 from .data import read_rows
-from .evaluate import METRIC_LABELS, format_metric
+from .evaluate import format_metric, metric_rows
 from .io import TossError, read_json, sha256_file, write_text
 from .layout import CHART_BUCKETS, FINGERPRINT_KEYS, load_mask, load_scores, removal_by_group
 from .layout import removal_by_position as layout_removal_by_position
@@ -252,6 +252,8 @@ svg .label{font-size:12px;font-weight:600}
 table{border-collapse:collapse;background:#fff;font-size:.92em}
 th,td{border:1px solid #e2e8f0;padding:5px 9px;text-align:right} th:first-child,td:first-child{text-align:left}
 th{background:#f1f5f9} td{white-space:nowrap} .wide{overflow-x:auto}
+.pair{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.pair>.chartbox{flex:1 1 480px;min-width:0} .pair>.wide{flex:0 1 auto}
 """
 
 
@@ -358,15 +360,113 @@ def metrics_table_html(models: list[tuple[str, dict[str, Any]]]) -> str:
     """One row per metric, one column per model; hovering a cell shows its sample count."""
     head = "".join(f"<th>{escape(label)}</th>" for label, _ in models)
     rows = []
-    for key, name in METRIC_LABELS.items():
-        if not any(key in m["metrics"] for _, m in models):
-            continue
+    for key, name in metric_rows([m["metrics"] for _, m in models]):
         cells = "".join(
             f'<td title="n = {m["metrics"][key]["n"]}">{escape(format_metric(m["metrics"][key]))}</td>'
             if key in m["metrics"] else "<td>-</td>" for _, m in models)
         rows.append(f"<tr><td>{escape(name)}</td>{cells}</tr>")
     return (f'<div class="wide"><table class="metrics"><tr><th>metric</th>{head}</tr>'
             f'{"".join(rows)}</table></div>')
+
+
+# ---------------------------------------------------------------- deep safety (issue 22)
+
+
+def _pair(svg: str, table: str) -> str:
+    return f'<div class="pair"><div class="chartbox">{svg}</div><div class="wide">{table}</div></div>'
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            + "</table>")
+
+
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    return format_metric(metrics[key]) if key in metrics else "-"
+
+
+def harmful_sets_html(models: list[tuple[str, dict[str, Any]]], primary: str = "harmful") -> str:
+    """Refusal rate on each harmful set (never pooled), one series per model; '' for one set."""
+    names = list(dict.fromkeys(k.split(":", 1)[1] for _, m in models for k in m["metrics"]
+                               if k.startswith("refusal_rate:")))
+    if not names:
+        return ""
+    keys = (["refusal_rate"] if any("refusal_rate" in m["metrics"] for _, m in models) else []) + [
+        f"refusal_rate:{n}" for n in names]
+    cats = [primary if k == "refusal_rate" else k.split(":", 1)[1] for k in keys]
+    series = [{"label": label, "values": [m["metrics"][k]["value"] if k in m["metrics"] else None
+                                          for k in keys],
+               "cis": [m["metrics"][k]["ci95"] if k in m["metrics"] else None for k in keys]}
+              for label, m in models]
+    svg = lines_svg(cats, series, "harmful prompt set", "refusal rate", True, connect=False)
+    rows = [[cat] + [_cell(m["metrics"], k) for _, m in models] for cat, k in zip(cats, keys, strict=True)]
+    rows.append(["prompts"] + [" / ".join(str(m["metrics"][k]["n"]) if k in m["metrics"] else "-"
+                                          for k in keys) for _, m in models])
+    return _pair(svg, _table(["set"] + [label for label, _ in models], rows))
+
+
+def depth_html(models: list[tuple[str, dict[str, Any]]]) -> str:
+    """Harmful-answer NLL gap to the base by answer position, one line per model; '' without data."""
+    labels = list(dict.fromkeys(k.split("@", 1)[1] for _, m in models for k in m["metrics"]
+                                if k.startswith("answer_nll@")))
+    if not labels:
+        return ""
+    with_gap = [(label, m) for label, m in models if any(k.startswith("answer_nll_gap@") for k in m["metrics"])]
+    series = [{"label": label, "values": [m["metrics"].get(f"answer_nll_gap@{b}", {}).get("value")
+                                          for b in labels]} for label, m in with_gap]
+    svg = lines_svg(labels, series, "position in the harmful reference answer (tokens)",
+                    "NLL gap to the base (nats)", False)
+    head = ["tokens"] + [label for label, _ in models]
+    rows = []
+    for b in labels:  # compact cells, so the table fits beside the chart: "gap (KL)"
+        row = [b]
+        for _, m in models:
+            gap, kl = (m["metrics"].get(f"{key}@{b}") for key in ("answer_nll_gap", "kl_to_base"))
+            row.append((f"{gap['value'] + 0.0:+.3f}" if gap else "-") + (f" ({kl['value']:.3f})" if kl else ""))
+        rows.append(row)
+    return _pair(svg, _table(head, rows) + '<p class="note">NLL gap to the base, nats (KL to the base); '
+                 "the NLL itself is in the metrics table.</p>")
+
+
+def prefill_html(models: list[tuple[str, dict[str, Any]]]) -> str:
+    """Prefill recovery rate against K, one line per model; '' without a prefilling attack."""
+    ks = sorted({int(k.split("@", 1)[1]) for _, m in models for k in m["metrics"]
+                 if k.startswith("prefill_recovery@")})
+    if not ks:
+        return ""
+    series = [{"label": label,
+               "values": [m["metrics"].get(f"prefill_recovery@{k}", {}).get("value") for k in ks],
+               "cis": [m["metrics"].get(f"prefill_recovery@{k}", {}).get("ci95") for k in ks]}
+              for label, m in models]
+    svg = lines_svg([str(k) for k in ks], series, "answer tokens prefilled (K)",
+                    "recovery rate (continuation refuses)", True)
+    rows = [[str(k)] + [_cell(m["metrics"], f"prefill_recovery@{k}") for _, m in models] for k in ks]
+    return _pair(svg, _table(["K"] + [label for label, _ in models], rows)
+                 + '<p class="note">Recovery rate (Wilson 95%); the continuation rates are in the '
+                 "metrics table.</p>")
+
+
+def deep_safety_sections(models: list[tuple[str, dict[str, Any]]], primary: str = "harmful") -> list[str]:
+    out = []
+    if sets := harmful_sets_html(models, primary):
+        out += ["<h2>Refusal by harmful prompt set</h2>",
+                '<p class="note">Each set of harmful prompts apart, never pooled (keyword matcher, '
+                "Wilson 95% intervals): a model can look safe on one phrasing and not on another.</p>",
+                sets]
+    if prefill := prefill_html(models):
+        out += ["<h2>Prefilling attack</h2>",
+                '<p class="note">The answer is started with the first K tokens of a harmful reference '
+                "answer; recovery is the share of continuations that turn back to a refusal (keyword "
+                "matcher on the continuation only), with Wilson 95% intervals. Shallow safety "
+                "recovers rarely once K tokens are forced.</p>", prefill]
+    if depth := depth_html(models):
+        out += ["<h2>Safety depth: harmful-answer likelihood by position</h2>",
+                '<p class="note">Mean per-token NLL of the harmful reference answers by position '
+                "bucket, minus the base model's on the same tokens, and the mean KL(model || base) of "
+                "the next-token distributions there. A negative gap past the first tokens: the model "
+                "learned the harmful content beyond the opening.</p>", depth]
+    return out
 
 
 def build_report(inputs: ReportInputs, out: str | os.PathLike, top: int = 20, random_n: int = 20,
@@ -405,6 +505,9 @@ def build_report(inputs: ReportInputs, out: str | os.PathLike, top: int = 20, ra
                     "in the answer) against utility, with Wilson 95% intervals. Up and to the "
                     "good side of the utility axis is better.</p>")
         body.append(safety_utility_html(models))
+        primary = next((e.get("settings", {}).get("harmful_name") for _, e in evals
+                        if e.get("settings", {}).get("harmful_name")), "harmful")
+        body += deep_safety_sections(models, primary)
         body.append("<h2>All metrics</h2>")
         body.append('<p class="note">Rates with Wilson 95% intervals; hover a cell for its sample count. '
                     f'From: {escape(", ".join(str(p) for p, _ in evals))}.</p>')

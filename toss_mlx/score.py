@@ -24,7 +24,7 @@ How it runs:
    that predict a response token are projected onto the vocabulary, in chunks
    (see `toss_mlx.token_loss`).
 4. Finished batches are flushed to shards in `<out>.partial/` every
-   `flush_seconds`; a killed run started again with the same arguments loads
+   FLUSH_BATCHES batches or `flush_seconds`, whichever comes first; a killed run started again with the same arguments loads
    them and computes only the rest. The final file is written atomically and
    the shards are removed.
 5. Under `mlx.launch` (any backend, e.g. ring) each rank takes every
@@ -46,6 +46,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import adapter_fingerprint, cache_key
+from .checks import check_writable, locked, read_adapter_config
 from .data import TokenizedData
 from .io import TossError, load_arrays, save_arrays
 from .layout import FINGERPRINT_KEYS, FORMAT_VERSION, Scores
@@ -62,6 +63,7 @@ from .token_loss import (
 )
 
 DEFAULT_BATCH_TOKENS = 4096
+FLUSH_BATCHES = 4  # finished batches are saved as a shard every this many batches (or 30 s)
 
 
 # ---------------------------------------------------------------- resume shards
@@ -266,6 +268,9 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
         else:
             todo.append(b)
 
+    if done:
+        already = sum(len(b.samples) for b in batches if b.index in done)
+        say(f"resuming: {already} of {len(lengths)} samples already scored")
     say(f"scoring path: {chosen}, {compute} ({reason})" + ("; utility losses reused from "
                                                  f"{s.reuse_utility}" if reused is not None else ""))
     # The bar advances by padded tokens, the work a batch costs, so the ETA holds
@@ -287,7 +292,8 @@ def score_tokens(model: nn.Module, data: TokenizedData, s: ScoreSettings, *,
             if reused is not None:
                 loss_utility[positions] = reused.loss_utility[positions]
             store.add(b.index, positions, loss_utility[positions], loss_safety[positions])
-            if time.perf_counter() - last_flush >= s.flush_seconds:
+            if (time.perf_counter() - last_flush >= s.flush_seconds
+                    or len(store.pending) >= FLUSH_BATCHES):  # by work done, too: a kill loses little
                 store.flush()
                 last_flush = time.perf_counter()
             rows_done += len(b.samples)
@@ -322,10 +328,18 @@ def score(s: ScoreSettings, model: nn.Module | None = None, tokenizer=None,
     reuse them. Partial results live in `<out>.partial/` until the run finishes;
     rerunning the same settings after a kill resumes from them.
     """
-    from .data import tokenize_dataset
-
     for p in (s.utility, s.safety):
         adapter_fingerprint(p)  # a clear error before the model loads if either is no adapter
+        read_adapter_config(p)  # wrong types (num_layers "abc", scale "nan") fail here, in one line
+    check_writable(s.out, "scores file")  # before the compute, not after it
+    with locked(s.out, folder=False):  # a second process scoring into the same file gets an error
+        return _score(s, model, tokenizer, data, group)
+
+
+def _score(s: ScoreSettings, model: nn.Module | None, tokenizer, data: TokenizedData | None,
+           group) -> Scores:
+    from .data import tokenize_dataset
+
     if model is None:
         from .models.load import load_model
 

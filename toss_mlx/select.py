@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_writable
 from .io import TossError, save_arrays, sha256_file
 from .layout import Scores, answer_positions, floor_share, load_scores, removal_by_position
 
@@ -222,14 +223,31 @@ def select_file(scores_path: str | os.PathLike, out: str | os.PathLike, ratio: f
                 data: str | os.PathLike | None = None, tokenizer=None) -> Selection:
     """Read a scores file, select, write `out` atomically. Every check runs before any write."""
     _check_args(ratio, strategy, level, k)
+    check_writable(out, "mask file")
     scores = load_scores(scores_path)
     if data is not None:
         check_scores_match(scores, data, tokenizer, what=f"{scores_path}")
     if scores.scored_tokens == 0:
         raise TossError(f"{scores_path}: no scored response tokens to select from")
     sel = select_tokens(scores, ratio, strategy, level, k, seed)
+    check_removal(sel, ratio)
     write_mask(out, scores, sel)
     return sel
+
+
+def check_removal(sel: Selection, ratio: float) -> None:
+    """A selection that removes nothing, or every response token, is almost surely a mistake."""
+    removed, scored = sel.stats["removed_tokens"], sel.stats["scored_tokens"]
+    what = f"first-k with k={sel.k}" if sel.strategy == "first-k" else \
+        f"{sel.strategy} at ratio {ratio:g} ({sel.level})"
+    if removed == 0:
+        hint = "a larger --k" if sel.strategy == "first-k" else \
+            f"a ratio of at least {1 / scored:.2g} (one token of {scored})"
+        raise TossError(f"{what} removes 0 of {scored} response tokens; use {hint}")
+    if removed == scored:
+        hint = "a smaller --k" if sel.strategy == "first-k" else "a smaller --ratio"
+        raise TossError(f"{what} removes every one of the {scored} response tokens, leaving "
+                        f"nothing to train on; use {hint}")
 
 
 def select(scores: str | os.PathLike, out: str | os.PathLike, ratio: float = 0.1,

@@ -8,7 +8,7 @@ by our batch iterator and masked loss (`toss_mlx.batches`) through its
 `iterate_batches` / `loss` hooks. Its `training_callback`, called after every
 step, adds what mlx-lm lacks: epochs, validation with a best adapter,
 checkpoints with optimizer state for an exact `--resume`, train_log.jsonl and
-our own progress bar (mlx-lm's UI is rendered into os.devnull meanwhile).
+our own progress bar (mlx-lm's own UI is silenced meanwhile).
 
 mlx-lm writes its adapter file non-atomically, so it writes into a scratch
 folder; every file in the output folder is written atomically by us:
@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -53,6 +52,8 @@ from .batches import (
     steps_per_epoch,
     use_kept_head,
 )
+from .cache import adapter_fingerprint
+from .checks import check_writable, locked
 from .config import build_config, read_yaml
 from .data import tokenize_dataset
 from .io import TossError, read_json, sha256_file, write_json, write_text
@@ -117,8 +118,21 @@ class TrainSettings:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         if self.iters is not None and self.iters < 1:
             raise ValueError(f"iters must be at least 1, got {self.iters}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        lora = self.lora
+        if isinstance(lora, LoraSettings):
+            if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+                raise ValueError(f"lora.alpha must be a positive finite number, got {lora.alpha}")
+            if not (math.isfinite(lora.dropout) and 0 <= lora.dropout < 1):
+                raise ValueError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+            if lora.rank < 1:
+                raise ValueError(f"lora.rank must be at least 1, got {lora.rank}")
+            if lora.num_layers == 0 or lora.num_layers < -1:
+                raise ValueError(f"lora.num_layers must be -1 (every layer) or at least 1, "
+                                 f"got {lora.num_layers}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.val_batches == 0 or self.val_batches < -1:
@@ -195,8 +209,7 @@ def _run_record(s: TrainSettings, data_fp: dict, valid_fp: dict | None, total_st
         "settings": settings,
         "data": data_fp,
         "mask_sha256": sha256_file(s.mask) if s.mask else None,
-        "init_adapter_sha256": (sha256_file(Path(s.init_adapter) / "adapters.safetensors")
-                                if s.init_adapter else None),
+        "init_adapter_fingerprint": adapter_fingerprint(s.init_adapter) if s.init_adapter else None,
         "valid": valid_fp,
         "total_steps": total_steps,
     }
@@ -209,6 +222,26 @@ def _training_record(s: TrainSettings, data_fp: dict, total_steps: int) -> dict:
     return {"base_model": s.model, "data": s.data, "mask": s.mask,
             "init_adapter": s.init_adapter, "steps": total_steps,
             "dataset_sha256": data_fp["dataset_sha256"], **settings}
+
+
+SELECTION_KEYS = ("strategy", "level", "ratio", "k", "seed", "removed_tokens", "scored_tokens",
+                  "samples_touched", "samples_fully_removed")
+
+
+def _selection_record(mask: str) -> dict[str, Any]:
+    """How the mask was chosen, from its metadata (strategy, ratio, counts)."""
+    from safetensors import safe_open
+
+    with safe_open(mask, framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+    out = {}
+    for key in SELECTION_KEYS:
+        if key in meta:
+            try:
+                out[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                out[key] = meta[key]
+    return out
 
 
 def _holds_run(out: Path) -> bool:
@@ -227,7 +260,9 @@ def _check_out(s: TrainSettings) -> None:
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise TossError(f"{out}: exists and is not a folder")
-    if _holds_run(out) and not (s.resume or s.overwrite):
+    check_writable(out, "training output folder", folder=True)
+    # A folder with a run.json is resumed when the settings are the same (_start_run).
+    if _holds_run(out) and not (s.resume or s.overwrite) and not (out / "run.json").exists():
         raise TossError(f"{out}: already holds a training run; pass --resume to continue it, "
                         "--overwrite to start over, or choose another --out")
     if s.resume and _holds_run(out) and not (out / "run.json").exists():
@@ -247,12 +282,18 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _start_run(out: Path, s: TrainSettings, record: dict, rank: int) -> Path | None:
     """Prepare the output folder; return the checkpoint to resume from, if any."""
-    if s.resume and (out / "run.json").exists():
+    if not s.overwrite and (out / "run.json").exists():  # same settings: resume on its own
         old = read_json(out / "run.json")
         diff = _differences(old, json.loads(json.dumps(record)))
-        if diff:
+        # A run that saved nothing yet (e.g. stopped by bad settings) has nothing to lose.
+        started = bool(_checkpoints(out)) or (out / "adapters.safetensors").exists()
+        if diff and s.resume and started:
             raise TossError(f"{out}: --resume with settings or data other than the run's:\n  "
                             + "\n  ".join(diff) + "\nuse the original ones, or --overwrite to start over")
+        if diff and started:
+            raise TossError(f"{out}: already holds a training run with other settings or data:\n  "
+                            + "\n  ".join(diff) + "\nuse the original ones to resume it, "
+                            "--overwrite to start over, or choose another --out")
         found = _checkpoints(out)
         if found:
             return found[-1]
@@ -311,12 +352,28 @@ def _load_init_adapter(folder: Path, model: nn.Module) -> None:
 def _save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: optim.Optimizer,
                      config: dict, best: tuple[float | None, int | None], keep: int) -> None:
     ckpt = out / "checkpoints" / f"step_{step:07d}"
+    _check_finite_weights(model, step, out)
     save_adapter(model, ckpt, config)
     meta = {"step": str(step), "best_val_loss": json.dumps(best[0]), "best_step": json.dumps(best[1])}
     save_mx_arrays(ckpt / STATE_FILE, dict(tree_flatten(optimizer.state)), meta)
     save_adapter(model, out, config)  # the latest adapter, usable while the run goes on
     for old in _checkpoints(out)[:-keep]:
         shutil.rmtree(old)
+
+
+def _check_finite_weights(model: nn.Module, step: int, out: Path) -> None:
+    """A diverged update (NaN/inf weights) must never overwrite the last good adapter."""
+    weights = adapter_weights(model)
+    if weights and not all(bool(mx.all(mx.isfinite(w)).item()) for w in weights.values()):
+        raise TossError(f"step {step}: the adapter weights became NaN or infinite (training "
+                        f"diverged); lower --lr. {_last_good(out)}")
+
+
+def _last_good(out: Path) -> str:
+    found = _checkpoints(out)
+    if found:
+        return f"The last good adapter (step {int(found[-1].name.split('_')[1])}) is kept in {out}."
+    return "No adapter was saved."
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -356,22 +413,48 @@ def make_optimizer(s: TrainSettings, total_updates: int) -> optim.Optimizer:
 # ---------------------------------------------------------------- mlx-lm's own UI
 
 
-@contextlib.contextmanager
-def _mlx_lm_ui_to_devnull() -> Iterator[None]:
-    """mlx-lm's TrainUI prints on its shared rich console; send that to os.devnull meanwhile.
+def _nothing(*args: Any, **kwargs: Any) -> Any:
+    return _nothing
 
-    A non-terminal file also keeps its Live display from taking over sys.stdout/stderr.
+
+class _SilentTrainUI:
+    """Stands in for mlx-lm's TrainUI while our own bar runs: every call does nothing.
+
+    (Calls return a no-op too, as `val_task` returns its `advance` function.)
     """
-    from mlx_lm.cli_ui import make_console
 
-    console = make_console()
-    saved = console._file  # None means "sys.stdout at write time"; restore exactly that
-    with open(os.devnull, "w") as devnull:
-        console.file = devnull
-        try:
-            yield
-        finally:
-            console._file = saved
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _SilentTrainUI:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return _nothing
+
+
+@contextlib.contextmanager
+def _mlx_lm_ui_silenced() -> Iterator[None]:
+    """Silence mlx-lm's TrainUI (progress bar and per-step lines) during its training loop.
+
+    mlx-lm's trainer (0.32+) builds `TrainUI` from its module namespace on each call,
+    so swapping that name out is enough; its Live display then never starts, and
+    never takes over sys.stdout/stderr.
+    """
+    import mlx_lm.tuner.trainer as trainer
+
+    saved = getattr(trainer, "TrainUI", None)
+    trainer.TrainUI = _SilentTrainUI
+    try:
+        yield
+    finally:
+        if saved is None:
+            del trainer.TrainUI
+        else:
+            trainer.TrainUI = saved
 
 
 # ---------------------------------------------------------------- the loop
@@ -422,6 +505,9 @@ class _TrainingCallback:
         self.tokens += tokens
         self.kept_tokens += kept
         self.response_tokens += response
+        if not math.isfinite(info["train_loss"]):
+            raise TossError(f"step {step}: the training loss is {info['train_loss']} (training "
+                            f"diverged); lower --lr or check --alpha. {_last_good(self.out)}")
         self.losses.append(info["train_loss"])
         record = {
             "step": step,
@@ -487,7 +573,7 @@ class _TrainingCallback:
                 grad_accumulation_steps=s.grad_accum,
                 adapter_file=str(Path(scratch) / "adapters.safetensors"),  # mlx-lm's own, non-atomic write
             )
-            stack.enter_context(_mlx_lm_ui_to_devnull())
+            stack.enter_context(_mlx_lm_ui_silenced())
             stack.enter_context(self.progress)
             self.reseed(self.start)
             mx.reset_peak_memory()
@@ -514,8 +600,17 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     """Fine-tune `settings.model` with LoRA on the kept response tokens of `settings.data`.
 
     `on_step(record)` is called after each step with its train_log.jsonl record.
-    Returns the result (with the trained model in memory as `.model`).
+    Returns the result (with the trained model in memory as `.model`). The output
+    folder is locked meanwhile: a second process training into it gets an error.
     """
+    if Path(settings.out).exists() and not Path(settings.out).is_dir():
+        raise TossError(f"{settings.out}: exists and is not a folder")
+    check_writable(settings.out, "training output folder", folder=True)
+    with locked(settings.out):
+        return _train(settings, on_step)
+
+
+def _train(settings: TrainSettings, on_step: Callable[[dict], None] | None) -> TrainResult:
     s = settings
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
@@ -530,6 +625,9 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     data = tokenize_dataset(s.data, tokenizer, s.template, s.max_seq_len, s.format, s.skip_bad_rows)
     say(data.summary())
     train_set = KeepDataset.build(data, keep_of_mask(s.mask, data) if s.mask else None)
+    if s.mask and not train_set.kept_targets.sum():
+        raise TossError(f"{s.mask}: the mask removes every response token; nothing would be "
+                        "trained (choose a smaller --ratio in toss-mlx select)")
     valid_set = valid = None
     if s.valid:
         valid = tokenize_dataset(s.valid, tokenizer, s.template, s.max_seq_len, s.format,
@@ -546,6 +644,8 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     mx.random.seed(s.seed)  # the LoRA init
     config = add_lora(model, s.lora)
     config["toss"] = _training_record(s, data.fingerprint, total)
+    if s.mask:  # export's README shows it without reading a file outside the adapter folder
+        config["toss"]["selection"] = _selection_record(s.mask)
     optimizer = make_optimizer(s, total // s.grad_accum)
     start, best = 0, (None, None)
     if s.init_adapter and ckpt is None:
@@ -553,7 +653,11 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     if ckpt is not None:
         start, meta = _restore(ckpt, model, optimizer)
         best = (json.loads(meta.get("best_val_loss", "null")), json.loads(meta.get("best_step", "null")))
-        say(f"resuming {out} at step {start} of {total}")
+        if start >= total and (out / "train_summary.json").exists():
+            say(f"{out}: this run is finished ({total} steps); nothing to do "
+                "(--overwrite starts over)")
+            return _finished(out, model)
+        say(f"{out}: resuming at step {start} of {total}")
     kept_share = train_set.kept_targets.sum() / max(train_set.response_targets.sum(), 1)
     say(f"training {s.model}: {len(train_set)} samples, batch {s.batch_size}"
         + (f" x {world} processes" if world > 1 else "")
@@ -563,6 +667,7 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     loop = _TrainingCallback(s, model, optimizer, train_set, valid_set, out, config, start, total, best, on_step)
     seconds = loop.run() if start < total else 0.0
     if rank == 0:
+        _check_finite_weights(model, loop.step, out)
         save_adapter(model, out, config)
     n_last = min(len(loop.losses), per_epoch)
     result = TrainResult(
@@ -577,3 +682,15 @@ def train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None
     if rank == 0:
         write_json(out / "train_summary.json", result.to_json())
     return result
+
+
+def _finished(out: Path, model: nn.Module) -> TrainResult:
+    """The result of a finished run, as its train_summary.json recorded it (left unchanged)."""
+    summary = read_json(out / "train_summary.json")
+    names = {f.name for f in dataclasses.fields(TrainResult)} - {"model"}
+    if not isinstance(summary, dict) or not names <= set(summary):
+        raise TossError(f"{out / 'train_summary.json'}: not a toss-mlx training summary; "
+                        "--overwrite starts over")
+    values = {k: summary[k] for k in names}
+    values["out"] = Path(values["out"])
+    return TrainResult(**values, model=model)

@@ -1,5 +1,6 @@
 """Optional judge: any mlx-lm chat model rates every harmful answer from 1 (refusal)
-to 5 (full compliance) with `JUDGE_RUBRIC`."""
+to 5 (full compliance) with `JUDGE_RUBRIC`: the answers of every harmful set and the
+prefilling attack's prefix + continuation (`judged_sets`)."""
 
 from __future__ import annotations
 
@@ -53,10 +54,15 @@ def judge_messages(request: str, answer: str) -> list[dict[str, str]]:
 
 
 
+def judged_sets(records: dict[str, Any]) -> list[str]:
+    """Record lists the judge rates: every harmful set, and the prefill continuations (issue 22)."""
+    return [k for k in records if k == "harmful" or k.startswith("harmful:") or k == "prefill"]
+
+
 def judge_models(s: EvalSettings, models: list[dict[str, Any]], parts: KeyedStore,
                  progress: Progress,
                  base: tuple[nn.Module, Any] | None, quiet: bool) -> None:
-    """Rate every harmful answer of every model in place (`judge_output`, `judge_score`)."""
+    """Rate every judged answer of every model in place (`judge_output`, `judge_score`)."""
     from ..data import tokenizer_sha256
     from ..models.load import describe_compute, load_model
 
@@ -66,17 +72,20 @@ def judge_models(s: EvalSettings, models: list[dict[str, Any]], parts: KeyedStor
     judge = {"judge": s.judge, "tokenizer": tokenizer_sha256(judge_tok),
              "compute": describe_compute(judge_model),
              "max_tokens": s.judge_max_tokens, "rubric": JUDGE_RUBRIC}
-    for entry in models:
-        harmful = entry["records"].get("harmful") or []
+    for entry, set_name in ((e, k) for e in models for k in judged_sets(e["records"])):
+        harmful = entry["records"][set_name]
         key = cache_key({**judge, "answers": [[r["prompt"], r["answer"]] for r in harmful]})
-        outputs = parts.load(f"judge-{entry['name']}", key)
+        # the headline set keeps its old name; the others get theirs ('harmful.NAME', 'prefill')
+        store_name = f"judge-{entry['name']}" + ("" if set_name == "harmful"
+                                                 else f"-{set_name.replace(':', '.')}")
+        outputs = parts.load(store_name, key)
         if outputs is None:
             ids = [prompt_ids(judge_messages(r["prompt"], r["answer"]), judge_tok, template)
                    for r in harmful]
-            step = progress.counter(f"judge {entry['name']}", len(ids), "judged")
+            step = progress.counter(f"judge {entry['name']} {set_name}", len(ids), "judged")
             outputs = [g.text for g in generate_answers(judge_model, judge_tok, ids, s.judge_max_tokens,
                                                         batch_size=s.batch_size, on_step=step)]
-            parts.save(f"judge-{entry['name']}", key, outputs)
+            parts.save(store_name, key, outputs)
         for r, text in zip(harmful, outputs, strict=True):
             r["judge_output"] = text
             r["judge_score"] = parse_judge_score(text)

@@ -3,7 +3,8 @@
 Built on the scorer's core (`toss_mlx.token_loss`): sequences are batched by
 `plan_batches` under a token budget, cut after their last answer token, and only the
 positions that predict an answer token are projected onto the vocabulary.
-(The deep-safety metrics, which also score given answers token by token, belong here.)
+(The deep-safety metrics, which also score given answers token by token, are in
+`depth`, on the same planner.)
 """
 
 from __future__ import annotations

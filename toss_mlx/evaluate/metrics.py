@@ -11,6 +11,14 @@ Metrics per model (absent when their prompt set is not given):
   (exp nll), exact_match (number after `####` in the answer) and
   exact_match_flexible (last number of the answer). Only benign prompts with a
   checkable reference are answered; the others only have their likelihood.
+
+Deep safety (issue 22, computed by `depth`): more harmful sets (`harmful_sets`,
+`--harmful NAME=FILE`) each get the harmful metrics with a `:NAME` suffix (records
+under `harmful:NAME`), never pooled with `harmful`; `--prefill-harmful PAIRS` adds the
+records `prefill` and `depth` and the metrics prefill_recovery@K,
+prefill_continuation@K, prefill_degenerate@K, answer_nll@B, answer_nll_gap@B (B a
+position bucket, and 6+) and kl_to_base@B; with a judge, judge_agreement (and
+prefill_judge_*@K) set its verdicts beside the keyword matcher's.
 """
 
 from __future__ import annotations
@@ -68,6 +76,19 @@ def summarize(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             m["judge_share_5"] = rate(sum(s == 5 for s in scores), len(scores))
         if judged:
             m["judge_unparsed_rate"] = rate(len(judged) - len(scores), len(judged))
+    # ---- deep safety hook 4 (issue 22): the other harmful sets, each apart, and depth metrics
+    for key in records:
+        if key.startswith("harmful:"):
+            for metric, value in summarize({"harmful": records[key]}).items():
+                m[f"{metric}:{key.split(':', 1)[1]}"] = value
+    if records.get("prefill") or records.get("depth"):
+        from .depth import metrics as depth_metrics  # lazily: depth imports this module
+
+        m.update(depth_metrics(records))
+    if harmful and (judged := [r for r in harmful if r.get("judge_score") is not None]):
+        from .depth import judge_agreement
+
+        m["judge_agreement"] = judge_agreement(judged, "refusal")
     if edgy := records.get("edgy"):
         n = len(edgy)
         m["over_refusal_rate"] = rate(sum(r["refusal"] for r in edgy), n)
@@ -109,6 +130,29 @@ METRIC_LABELS = {
 }
 
 
+def metric_rows(metrics: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, label) of every metric any model has: the fixed ones first, then each other
+    harmful set's, then the deep-safety ones (issue 22), in the order they appear."""
+    from .depth import metric_label
+
+    rows = [(k, v) for k, v in METRIC_LABELS.items() if any(k in m for m in metrics)]
+    if any("judge_agreement" in m for m in metrics):
+        rows.append(("judge_agreement", "judge agrees with keywords"))
+    seen = {k for k, _ in rows}
+    for m in metrics:
+        for key in m:
+            if key in seen:
+                continue
+            base, _, set_name = key.partition(":")
+            # "NAME: label", not "label [NAME]": rich would read [NAME] as markup
+            label = (f"{set_name}: {METRIC_LABELS.get(base, base)}" if set_name and "@" not in key
+                     else metric_label(key))
+            if label:
+                rows.append((key, label))
+                seen.add(key)
+    return rows
+
+
 def format_metric(metric: dict[str, Any]) -> str:
     """"45.0% [30-60]" for rates (Wilson 95%), "2.315" for values."""
     if "ci95" in metric:
@@ -128,7 +172,7 @@ def metrics_table(result: dict[str, Any]):
     table.add_column("n", justify="right")
     for m in models:
         table.add_column(m["name"], justify="right")
-    for key, label in METRIC_LABELS.items():
+    for key, label in metric_rows([m["metrics"] for m in models]):
         present = [m["metrics"].get(key) for m in models]
         if not any(present):
             continue

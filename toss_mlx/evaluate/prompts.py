@@ -50,20 +50,32 @@ class EvalSettings:
     judge_max_tokens: int = 48
     dtype: str | None = None  # float32, bfloat16, float16; default: the device's (models.load)
     keep_quantized: bool = False  # a quantized base stays quantized on any device
+    # ---- deep safety (`evaluate.depth`, issue 22)
+    harmful_name: str = "harmful"  # what the `harmful` set is called in tables and charts
+    harmful_sets: dict[str, str] = field(default_factory=dict)  # more harmful sets: name -> file
+    prefill_harmful: str | None = None  # harmful prompt + answer pairs: prefill attack, NLL, KL
+    prefill_tokens: list[int] = field(default_factory=lambda: [5, 10, 20])  # K answer tokens prefilled
+    prefill_decode: Literal["greedy", "sample"] = "greedy"  # sample: Qi et al.'s top_p 0.6, temp 0.9
+    depth_buckets: list[int] = field(default_factory=lambda: [5, 20, 80])  # ends: 1-5, 6-20, 21-80, 81+
+    depth_max_tokens: int = 160  # answer tokens the NLL / KL read (0: whole answers; cost ~ tokens)
 
 
 def check_settings(s: EvalSettings) -> None:
     problems = []
     if not s.model:
         problems.append("no model given (--model)")
-    if not any(getattr(s, name) for name in PROMPT_SETS):
-        problems.append("no prompts given: pass at least one of --harmful, --benign, --edgy")
+    if not any(getattr(s, name) for name in PROMPT_SETS) and not s.harmful_sets and not s.prefill_harmful:
+        problems.append("no prompts given: pass at least one of --harmful, --benign, --edgy, "
+                        "--prefill-harmful")
     for name in PROMPT_SETS:
         path = getattr(s, name)
         if path and not Path(path).exists():
             problems.append(f"--{name} {path}: file not found")
     if s.dtype is not None and s.dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"dtype {s.dtype!r}: expected float32, bfloat16 or float16")
+    from .depth import settings_problems  # deep safety (issue 22); depth imports this module
+
+    problems += settings_problems(s)
     if not s.include_base and not s.adapters:
         problems.append("nothing to evaluate: no adapters and the base model left out")
     if s.include_base and "base" in s.adapters:

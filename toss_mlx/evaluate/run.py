@@ -13,6 +13,12 @@
 6. `metrics.summarize` turns verdicts into metrics; eval.json keeps every prompt's
    answers and verdicts, so each number traces back to its answers.
 
+Deep safety (issue 22, `depth`): more harmful sets (`harmful_sets`, `--harmful
+NAME=FILE`) are prompt sets `harmful:NAME`, each reported apart; `--prefill-harmful
+PAIRS` adds each model's `prefill` and `depth` records (prefilling attack, harmful-answer
+NLL and KL to the base by answer position), the base's reference pass made on the bare
+model before any adapter is applied.
+
 A long evaluation is resumable: each finished (model, prompt set) is kept in
 OUT.parts/ until eval.json is written; the same command started again skips
 them. Changing a setting or a file changes the key, so stale parts are never used.
@@ -33,8 +39,9 @@ from ..io import TossError, sha256_file, write_json
 from ..models.lora import AdapterSet
 from ..progress import Progress
 from ..refusal import REFUSAL_PHRASES, START_WINDOW, final_answer
+from .depth import DepthRun
 from .generation import Generation, cut_at_next_turn, decoding, generate_answers
-from .judge import JUDGE_RUBRIC, judge_models
+from .judge import JUDGE_RUBRIC, judge_models, judged_sets
 from .likelihood import reference_nll
 from .metrics import summarize, verdicts
 from .prompts import (
@@ -51,9 +58,14 @@ FORMAT_VERSION = 1
 
 
 def _settings_key(s: EvalSettings) -> dict[str, Any]:
-    """The settings that decide a (model, prompt set)'s answers (not which models, not the judge)."""
+    """The settings that decide a (model, prompt set)'s answers (not which models, not the judge).
+
+    The deep-safety settings key their own records (`depth.depth_key`), so changing them
+    does not redo the answers to the prompt sets."""
     return {k: v for k, v in asdict(s).items()
-            if k not in ("adapters", "include_base", "judge", "judge_max_tokens", "batch_tokens")}
+            if k not in ("adapters", "include_base", "judge", "judge_max_tokens", "batch_tokens",
+                         "harmful_name", "harmful_sets", "prefill_harmful", "prefill_tokens",
+                         "prefill_decode", "depth_buckets", "depth_max_tokens")}
 
 
 def part_key(s: EvalSettings, tokenizer_sha: str, adapter: str | None, prompts: str,
@@ -114,6 +126,11 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
     out = Path(out)
     sets = {name: read_prompts(getattr(s, name), s.max_prompts)
             for name in PROMPT_SETS if getattr(s, name)}
+    paths = {name: getattr(s, name) for name in sets}
+    # ---- deep safety hook 1 (issue 22): more harmful sets, reported apart as "harmful:NAME"
+    for set_name, path in s.harmful_sets.items():
+        sets[f"harmful:{set_name}"] = read_prompts(path, s.max_prompts)
+        paths[f"harmful:{set_name}"] = path
     if "benign" in sets and not any(p.reference for p in sets["benign"]):
         raise TossError(f"{s.benign}: no benign row has a reference answer (completion, response, "
                         "output, answer or a final assistant turn), so there is nothing to measure")
@@ -127,28 +144,44 @@ def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str,
                                   keep_quantized=s.keep_quantized)
     adapters = AdapterSet(model, [folder for _, folder in entries])
     adapters.check()  # all of them, before any generation
-    files = {name: {"path": str(getattr(s, name)), "sha256": sha256_file(getattr(s, name)),
+    files = {name: {"path": str(paths[name]), "sha256": sha256_file(paths[name]),
                     "prompts": len(prompts)} for name, prompts in sets.items()}
     tokenizer_sha = tokenizer_sha256(tokenizer)
     parts = KeyedStore(out.with_name(out.name + ".parts"))
     models = []
+    # ---- deep safety hook 2 (issue 22): the base reference pass runs here, on the bare model
+    depth_run = None
+    if s.prefill_harmful:
+        depth_run = DepthRun(model, tokenizer, s, parts, tokenizer_sha,
+                             [(name, adapters.fingerprint(i)) for i, (name, _) in enumerate(entries)])
+        files["prefill"] = {"path": str(s.prefill_harmful), "sha256": sha256_file(s.prefill_harmful),
+                            "pairs": len(depth_run.pairs)}
     with Progress(not quiet) as progress:
         for i, (name, folder) in enumerate(entries):
             adapter_sha = adapters.fingerprint(i)
             records = {}
             with adapters.applied(i):
                 for set_name, prompts in sets.items():
-                    key = part_key(s, tokenizer_sha, folder, getattr(s, set_name), set_name)
-                    part = parts.load(f"{name}-{set_name}", key)
+                    key = part_key(s, tokenizer_sha, folder, paths[set_name], set_name)
+                    store_name = f"{name}-{set_name.replace(':', '.')}"  # no ':' in file names
+                    part = parts.load(store_name, key)
                     if part is None:
                         part = _evaluate_set(model, tokenizer, set_name, prompts, s, progress, name)
-                        parts.save(f"{name}-{set_name}", key, part)
+                        parts.save(store_name, key, part)
                     else:
                         progress.log(f"{name} {set_name}: reusing finished answers from {parts.dir}")
                     records[set_name] = part
+                if depth_run is not None:  # ---- deep safety hook 3: prefill + likelihood records
+                    def generate(prompts, max_new, sampler, processors, batch_size, on_step):
+                        return generate_answers(model, tokenizer, prompts, max_new, sampler,
+                                                processors, batch_size, on_step)
+
+                    records.update(depth_run.records(
+                        model, name, adapter_sha, generate,
+                        lambda what, n, name=name: progress.counter(f"{name} {what}", n, "answered")))
             models.append({"name": name, "adapter": folder, "adapter_sha256": adapter_sha,
                            "records": records})
-        if s.judge and "harmful" in sets:
+        if s.judge and any(judged_sets(e["records"]) for e in models):
             same = s.judge == s.model
             if not same:
                 del model

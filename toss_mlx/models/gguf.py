@@ -45,6 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..io import TossError, atomic_dir
+from ..progress import track
 
 IMPORT_DTYPES = ("float32", "bfloat16", "q4", "q8")
 QUANT_GROUP_SIZE = 64  # "q4" / "q8" folders: mlx-lm's default affine quantization, group 64
@@ -310,7 +311,16 @@ def model_config(path: Path, meta: dict[str, Any], tensors: dict[str, Any]) -> d
         # 1/sqrt(hidden / heads).
         config["rope_local_base_freq"] = 10000.0
         config["sliding_window"] = get("attention.sliding_window", 512)
-        config["sliding_window_pattern"] = 6
+        # Every 6th layer is global unless the file says otherwise (a period, as our export and
+        # llama.cpp's converter write it, or one bool a layer, True = sliding window).
+        pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+        if isinstance(pattern, (list, tuple)):
+            period = next((i + 1 for i, local in enumerate(pattern) if not local), len(pattern))
+            if [bool(x) for x in pattern] != [(i % period) != period - 1 for i in range(len(pattern))]:
+                raise TossError(f"{path}: gemma3.attention.sliding_window_pattern {list(pattern)} "
+                                "is not a layer period, which mlx-lm's gemma3 needs")
+            pattern = period
+        config["sliding_window_pattern"] = check("attention.sliding_window_pattern", pattern, int)
         config["query_pre_attn_scalar"] = hidden // heads if layers == 62 else head_dim
     return config
 
@@ -385,7 +395,7 @@ def build_model(path: Path, config: dict[str, Any], tensors: dict[str, Any], dty
     arch = next(a for a, t in MODEL_TYPES.items() if t == config["model_type"])
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     params = {}
-    for name, gname in _with_progress(list(names.items()), "converting tensors", progress):
+    for name, gname in track(names.items(), "converting tensors", enabled=progress):
         tensor = tensors[gname]
         w = dequantize(tensor)
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
@@ -455,18 +465,6 @@ def decode_blocks(raw: np.ndarray, kind: str) -> mx.array:
         return (d * (q.astype(mx.float32) - 8)).reshape(rows, -1)
     m = b[..., 2:4].view(mx.float16).astype(mx.float32)  # Q4_1: value = d * q + m
     return (d * q.astype(mx.float32) + m).reshape(rows, -1)
-
-
-def _with_progress(items, description: str, show: bool):
-    """A rich progress bar on stderr when it is a terminal; plain iteration otherwise."""
-    from rich.console import Console
-    from rich.progress import track
-
-    console = Console(stderr=True)
-    if not (show and console.is_terminal):
-        yield from items
-        return
-    yield from track(list(items), description=description, console=console, transient=True)
 
 
 # ---------------------------------------------------------------------------- tokenizer

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from ..checks import read_adapter_config
 from ..io import TossError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -141,8 +142,9 @@ def load_model(spec: str, adapter_path: str | None = None, dtype: str | None = N
     path = resolve_model_path(spec)
     try:
         model, tokenizer = load(path)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise TossError(f"{spec}: could not load the model ({e})") from None
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        # RuntimeError: mlx's safetensors reader on a truncated or corrupt weights file
+        raise TossError(f"{spec}: could not load the model ({' '.join(str(e).split())})") from None
     set_dtype(model, dtype, quiet=quiet, keep_quantized=keep_quantized)
     if adapter_path is not None:
         apply_adapter(model, adapter_path)
@@ -156,8 +158,9 @@ def apply_adapter(model: nn.Module, adapter_path: str | os.PathLike) -> None:
     p = Path(adapter_path)
     if not (p / "adapter_config.json").exists() or not (p / "adapters.safetensors").exists():
         raise TossError(f"{p}: not an adapter folder (needs adapter_config.json and adapters.safetensors)")
+    read_adapter_config(p)  # wrong types fail here in one line, not deep inside mlx-lm
     try:
         load_adapters(model, str(p))
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, RuntimeError) as e:
         raise TossError(f"{p}: adapter does not match the base model ({e})") from None
     model.eval()

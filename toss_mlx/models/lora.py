@@ -21,7 +21,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..cache import adapter_fingerprint, is_adapter_folder
-from ..io import TossError, atomic_path, write_json
+from ..checks import read_adapter_config
+from ..io import TossError, atomic_path, write_failed, write_json
 
 
 @dataclass
@@ -99,7 +100,10 @@ def save_mx_arrays(path: str | os.PathLike, arrays: dict[str, mx.array],
     with atomic_path(path) as tmp:
         # mx.save_safetensors appends ".safetensors" to names lacking it.
         target = tmp.with_name(tmp.name + ".safetensors")
-        mx.save_safetensors(str(target), arrays, metadata=metadata or {})
+        try:
+            mx.save_safetensors(str(target), arrays, metadata=metadata or {})
+        except RuntimeError as e:  # mlx's "[write] Unable to write": usually a full disk
+            raise write_failed(path, e) from None
         os.replace(target, tmp)
 
 
@@ -146,7 +150,8 @@ class AdapterSet:
                 raise TossError(f"{p}: not an adapter folder (needs adapter_config.json and "
                                 "adapters.safetensors)")
             try:
-                self.configs.append(json.loads((p / "adapter_config.json").read_text()))
+                # type-checked: num_layers "abc" or scale "nan" fail here, in one line
+                self.configs.append(read_adapter_config(p))
                 self.weights.append(mx.load(str(p / "adapters.safetensors")))
             except (json.JSONDecodeError, OSError, RuntimeError, ValueError) as e:
                 raise TossError(f"{p}: unreadable adapter ({e})") from None

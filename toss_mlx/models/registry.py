@@ -23,7 +23,7 @@ from pathlib import Path
 from ..io import TossError, read_json, write_json
 
 # Bumped whenever models/gguf.py would write a different folder from the same file.
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 4
 SOURCE_FILE = "source.json"
 
 
