@@ -64,3 +64,23 @@ def quantized_copy(model_dir: Path, out: Path, group_size: int = 32, bits: int =
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+def naive_losses(model_dir: Path, adapter: Path, data, **load) -> np.ndarray:
+    """The independent reference for every scorer test: one sample at a time, no padding, full
+    logits of the model as loaded (quantized, bf16, ...), float64 log-softmax; loss per flat token
+    (0 where the token is not a response token)."""
+    from toss_mlx.models.load import load_model
+
+    model, _ = load_model(str(model_dir), adapter_path=str(adapter), quiet=True, **load)
+    out = []
+    for s in data.samples:
+        z = mlx_logits(model, s.tokens).astype(np.float64)
+        logp = z - z.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        losses = np.zeros(len(s.tokens))
+        for j in range(1, len(s.tokens)):
+            if s.response_mask[j]:
+                losses[j] = -logp[j - 1, s.tokens[j]]
+        out.append(losses)
+    return np.concatenate(out)

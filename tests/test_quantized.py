@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from adapters import make_adapter, quantized_copy
+from adapters import make_adapter, naive_losses, quantized_copy
 from typer.testing import CliRunner
 
 from toss_mlx.data import tokenize_dataset
@@ -115,22 +115,6 @@ def test_fast_path_probe_on_quantized_and_16_bit_models(qdirs):
 
 
 # ---------------------------------------------------------------- scoring
-
-
-def naive_losses(model_dir, adapter, data, **load) -> np.ndarray:
-    """Full logits of the same (quantized) model, one sample at a time, float64 log-softmax."""
-    model, _ = load_model(str(model_dir), adapter_path=str(adapter), quiet=True, **load)
-    out = []
-    for s in data.samples:
-        z = logits(model, s.tokens).astype(np.float64)
-        logp = z - z.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        losses = np.zeros(len(s.tokens))
-        for j in range(1, len(s.tokens)):
-            if s.response_mask[j]:
-                losses[j] = -logp[j - 1, s.tokens[j]]
-        out.append(losses)
-    return np.concatenate(out)
 
 
 @pytest.mark.parametrize("name,dtype,path,atol", [

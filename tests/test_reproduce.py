@@ -176,7 +176,13 @@ def test_bench_machine_is_measured(reproduce):
     assert text.startswith(f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores")
     assert f"mlx {mx.__version__}" in text
     source = (ROOT / "bench" / "train_throughput.py").read_text()
-    assert '"machine": machine()' in source and "MACHINE =" not in source
+    assert '"machine": machine_details()' in source and "MACHINE =" not in source
+    sys.path.insert(0, str(ROOT / "bench"))
+    from machine_info import machine_details
+
+    details = machine_details()
+    assert details["cores"] == os.cpu_count() and details["mlx"] == mx.__version__
+    assert details["machine"] == platform.machine()
 
 
 # ---------------------------------------------------------------- deep safety in the reproduction (issue 21)

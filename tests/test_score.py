@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from adapters import make_adapter
+from adapters import make_adapter, naive_losses
 
 from toss_mlx import token_loss
 from toss_mlx.cache import adapter_fingerprint
@@ -80,26 +80,6 @@ def data_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(data_file, base):
     return tokenize_dataset(data_file, base[1], template="chat", max_seq_len=96)
-
-
-def naive_losses(model_dir, adapter, data) -> np.ndarray:
-    """One sample at a time, no padding, full logits, float64 log-softmax: loss per flat token."""
-    import mlx.core as mx
-
-    from toss_mlx.models.load import load_model
-
-    model, _ = load_model(str(model_dir), adapter_path=str(adapter), quiet=True)
-    out = []
-    for s in data.samples:
-        logits = np.array(model(mx.array(s.tokens)[None]).astype(mx.float32))[0].astype(np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-        losses = np.zeros(len(s.tokens))
-        for j in range(1, len(s.tokens)):
-            if s.response_mask[j]:
-                losses[j] = -logp[j - 1, s.tokens[j]]
-        out.append(losses)
-    return np.concatenate(out)
 
 
 @pytest.fixture(scope="module")
