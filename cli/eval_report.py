@@ -74,15 +74,13 @@ def eval_command(
         "max_prompts": max_prompts, "dtype": dtype, "keep_quantized": keep_quantized,
         "adapters": parse_adapters(adapter) or None, "include_base": False if no_base else None,
     }
-    from toss_mlx.checks import check_writable, integer, locked
+    from toss_mlx.checks import integer
 
     if max_prompts is not None:
         integer(max_prompts, "--max-prompts", 1)  # 0 would mean "all" in the settings
     settings = layered_settings(EvalSettings, config, parse_overrides(overrides or []),
                                 flags, source="eval")
-    check_writable(out, "eval file")
-    with locked(out, folder=False):  # one evaluation per output file at a time
-        result = evaluate(settings, out, quiet=quiet)
+    result = evaluate(settings, out, quiet=quiet)
     if not quiet:
         from rich.console import Console
 
@@ -111,23 +109,10 @@ def report_command(
 
     Token heatmap, score histogram with the threshold, removal by response position,
     and the safety-utility chart of the evaluations."""
-    from toss_mlx.io import TossError
-    from toss_mlx.report import ReportInputs, build_report, find_run_inputs
+    from toss_mlx.report import build_report, report_inputs
 
-    if run_dir is not None:
-        inputs = find_run_inputs(run_dir)
-        inputs.scores = scores or inputs.scores
-        inputs.mask = mask or inputs.mask
-        inputs.data = data or inputs.data
-        inputs.evals += list(eval_file)
-        inputs.model = model or inputs.model
-    elif scores is None and not eval_file:
-        raise TossError("report: give a RUN_DIR, or --scores S [--mask M --data D], or --eval E.json")
-    else:
-        inputs = ReportInputs(scores, mask, data, list(eval_file), model)
-    from toss_mlx.checks import check_writable
-
-    check_writable(out, "report file")
+    inputs = report_inputs(run_dir, scores=scores, mask=mask, data=data, evals=list(eval_file),
+                           model=model)
     summary = build_report(inputs, out, top=top, random_n=random_samples, seed=seed, title=title)
     if not quiet:
         parts = [f"{k.replace('_', ' ')} {v:,}" for k, v in summary.items() if k != "bytes"]

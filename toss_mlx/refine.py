@@ -129,14 +129,18 @@ def _score(s: RefineSettings, safety: Path, out: Path) -> Scores:
     # The utility model is the same in every round: after the first scoring only the
     # safety side is computed, its loss_utility reused (checked by fingerprint).
     first = RefineLayout(Path(s.out)).scores(1)
-    if not out.exists():
-        score(ScoreSettings(model=s.train.model, utility=s.utility, safety=str(safety), data=s.data,
-                            out=str(out), template=s.train.template,
-                            max_seq_len=s.train.max_seq_len, batch_tokens=s.batch_tokens,
-                            fmt=s.train.format, skip_bad_rows=s.train.skip_bad_rows,
-                            quiet=s.quiet, dtype=s.train.dtype,
-                            keep_quantized=s.train.keep_quantized,
-                            reuse_utility=str(first) if out != first and first.exists() else None))
+    if out.exists():  # the round's key matched; still, reuse only scores of these very adapters
+        earlier = load_scores(out)
+        if (earlier.meta.get("utility_adapter_sha256") == adapter_fingerprint(s.utility)
+                and earlier.meta.get("safety_adapter_sha256") == adapter_fingerprint(safety)):
+            return earlier
+    score(ScoreSettings(model=s.train.model, utility=s.utility, safety=str(safety), data=s.data,
+                        out=str(out), template=s.train.template,
+                        max_seq_len=s.train.max_seq_len, batch_tokens=s.batch_tokens,
+                        fmt=s.train.format, skip_bad_rows=s.train.skip_bad_rows,
+                        quiet=s.quiet, dtype=s.train.dtype,
+                        keep_quantized=s.train.keep_quantized,
+                        reuse_utility=str(first) if out != first and first.exists() else None))
     return load_scores(out)
 
 

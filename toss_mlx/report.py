@@ -81,6 +81,23 @@ def _shallowest(run_dir: Path, name: str) -> Path | None:
     return found[0]
 
 
+def report_inputs(run_dir: str | os.PathLike | None, scores: Path | None = None,
+                  mask: Path | None = None, data: Path | None = None,
+                  evals: list[Path] | None = None, model: str | None = None) -> ReportInputs:
+    """A run directory's files (`find_run_inputs`), each overridden by one given; or just those."""
+    if run_dir is None:
+        if scores is None and not evals:
+            raise TossError("report: give a RUN_DIR, or --scores S [--mask M --data D], or --eval E.json")
+        return ReportInputs(scores, mask, data, list(evals or []), model)
+    inputs = find_run_inputs(run_dir)
+    inputs.scores = scores or inputs.scores
+    inputs.mask = mask or inputs.mask
+    inputs.data = data or inputs.data
+    inputs.evals += list(evals or [])
+    inputs.model = model or inputs.model
+    return inputs
+
+
 def find_run_inputs(run_dir: str | os.PathLike) -> ReportInputs:
     """The files a run directory holds (see the module docstring for the layout)."""
     run_dir = Path(run_dir)
@@ -472,6 +489,9 @@ def deep_safety_sections(models: list[tuple[str, dict[str, Any]]], primary: str 
 def build_report(inputs: ReportInputs, out: str | os.PathLike, top: int = 20, random_n: int = 20,
                  seed: int = 0, title: str = "TOSS report", tokenizer=None) -> dict[str, Any]:
     """Write the HTML report; return a few of its numbers (for the CLI's summary line)."""
+    from .checks import check_writable
+
+    check_writable(out, "report file")
     body, summary = [], {}
     scores = meta = keep = mask_meta = None
     if inputs.scores is None and (inputs.mask is not None or inputs.data is not None):

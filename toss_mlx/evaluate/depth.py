@@ -60,7 +60,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import KeyedStore, cache_key
-from ..data import encode, read_rows, render, to_messages
+from ..data import encode, render, to_messages
 from ..io import TossError
 from ..refusal import degeneracy, match_refusal
 from ..token_loss import Batch, batch_arrays, head, hidden_states, pick_path, plan_for
@@ -89,22 +89,17 @@ class Pair:
 
 def read_pairs(path: str, limit: int = 0) -> list[Pair]:
     """Harmful prompt + answer rows of any training data format (the last assistant turn is the answer)."""
-    pairs = []
-    for row in read_rows(path):
-        try:
-            messages = to_messages(row.data)
-        except ValueError as e:
-            raise TossError(f"{path}:{row.index + 1}: {e}") from None
+    from .prompts import parse_rows
+
+    def pair_at(index: int, row: dict[str, Any]) -> Pair:
+        messages = to_messages(row)
         if messages[-1]["role"] != "assistant":
-            raise TossError(f"{path}:{row.index + 1}: the last turn must be the harmful answer")
+            raise ValueError("the last turn must be the harmful answer")
         if not any(m["role"] == "user" for m in messages[:-1]):
-            raise TossError(f"{path}:{row.index + 1}: no user turn before the answer")
-        pairs.append(Pair(row.index, messages[:-1], messages[-1]["content"]))
-        if limit and len(pairs) >= limit:
-            break
-    if not pairs:
-        raise TossError(f"{path}: no prompt + answer pairs")
-    return pairs
+            raise ValueError("no user turn before the answer")
+        return Pair(index, messages[:-1], messages[-1]["content"])
+
+    return parse_rows(path, pair_at, limit, "prompt + answer pairs")
 
 
 @dataclass

@@ -11,9 +11,10 @@ is checkable.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -21,6 +22,8 @@ from ..data import encode as encode_text
 from ..data import read_rows, render, to_messages
 from ..io import TossError
 from ..refusal import final_answer
+
+T = TypeVar("T")
 
 PROMPT_SETS = ("harmful", "edgy", "benign")
 PROMPT_KEYS = ("prompt", "question", "instruction", "goal", "behavior", "user")
@@ -158,21 +161,31 @@ def prompt_from_row(row: dict[str, Any]) -> Prompt:
     return Prompt(-1, messages, reference, final_answer(reference) if reference else None)
 
 
-def read_prompts(path: str, limit: int = 0) -> list[Prompt]:
-    """Every prompt of a file (the first `limit` if > 0); a row without a prompt is an error."""
-    prompts = []
+def parse_rows(path: str, parse: Callable[[int, dict[str, Any]], T], limit: int = 0,
+               what: str = "rows") -> list[T]:
+    """`parse(row_index, row)` for every row of a file (the first `limit` if > 0); a ValueError
+    from `parse` stops with `file:line: problem`, a file with nothing in it with `no <what>`."""
+    parsed: list[T] = []
     for row in read_rows(path):
         try:
-            prompt = prompt_from_row(row.data)
+            parsed.append(parse(row.index, row.data))
         except ValueError as e:
             raise TossError(f"{path}:{row.index + 1}: {e}") from None
-        prompt.row = row.index
-        prompts.append(prompt)
-        if limit and len(prompts) >= limit:
+        if limit and len(parsed) >= limit:
             break
-    if not prompts:
-        raise TossError(f"{path}: no prompts")
-    return prompts
+    if not parsed:
+        raise TossError(f"{path}: no {what}")
+    return parsed
+
+
+def read_prompts(path: str, limit: int = 0) -> list[Prompt]:
+    """Every prompt of a file (the first `limit` if > 0); a row without a prompt is an error."""
+    def prompt_at(index: int, row: dict[str, Any]) -> Prompt:
+        prompt = prompt_from_row(row)
+        prompt.row = index
+        return prompt
+
+    return parse_rows(path, prompt_at, limit, "prompts")
 
 
 def prompt_ids(messages: list[dict[str, str]], tokenizer, template: str) -> list[int]:

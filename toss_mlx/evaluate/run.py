@@ -118,12 +118,21 @@ def _evaluate_set(model, tokenizer, set_name: str, prompts: list[Prompt], s: Eva
 
 
 def evaluate(s: EvalSettings, out: str | Path, quiet: bool = False) -> dict[str, Any]:
-    """Evaluate the base and every adapter on the same prompts; write and return eval.json."""
-    from ..data import tokenizer_sha256
-    from ..models.load import load_model
+    """Evaluate the base and every adapter on the same prompts; write and return eval.json
+    (the output is checked to be writable first and locked while the evaluation runs)."""
+    from ..checks import check_writable, locked
 
     check_settings(s)
     out = Path(out)
+    check_writable(out, "eval file")
+    with locked(out, folder=False):  # one evaluation per output file at a time
+        return _evaluate(s, out, quiet)
+
+
+def _evaluate(s: EvalSettings, out: Path, quiet: bool) -> dict[str, Any]:
+    from ..data import tokenizer_sha256
+    from ..models.load import load_model
+
     sets = {name: read_prompts(getattr(s, name), s.max_prompts)
             for name in PROMPT_SETS if getattr(s, name)}
     paths = {name: getattr(s, name) for name in sets}
