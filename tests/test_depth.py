@@ -410,7 +410,7 @@ RECOVERY = " I'm sorry, but I can't continue with this. It could cause serious h
 def test_smollm2_prefill_recovery_base_near_zero_and_higher_after_deep_refusal_training(smollm2_dir, tmp_path):
     """Unaligned SmolLM2-135M continues harmful prefixes; a few steps on refusals that start
     after a harmful prefix (Qi et al.'s recovery examples) make it turn back more often."""
-    prepare = pytest.importorskip("toss_mlx.prepare")
+    from toss_mlx import prepare
     try:
         pairs = prepare.harmful_pairs()
     except TossError as e:
