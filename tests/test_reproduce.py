@@ -147,7 +147,7 @@ def test_combine_seeds_refuses_seeds_of_other_settings(reproduce):
     reproduce.check_poolable([result(0), result(1), result(2)])  # only the seed differs: fine
 
 
-def test_steps_are_keyed_by_their_arguments_and_the_steps_before(reproduce, tmp_path):
+def test_steps_are_keyed_by_their_arguments_and_the_steps_before(reproduce, tmp_path, monkeypatch):
     calls: list[tuple] = []
 
     def work(x, path, **kw):
@@ -164,6 +164,25 @@ def test_steps_are_keyed_by_their_arguments_and_the_steps_before(reproduce, tmp_
     assert calls[2:] == [(3, str(tmp_path / "s"), {"k": 1})]
     run_all(5, 3)  # the first changed: both are redone, the second because the first was
     assert [c[0] for c in calls[3:]] == [5, 3]
+
+    # Other code (any file of the toolkit or bench/): every step is redone.
+    monkeypatch.setattr(reproduce, "code_fingerprint", lambda: "other code")
+    run_all(5, 3)
+    assert [c[0] for c in calls[5:]] == [5, 3]
+
+
+def test_the_code_fingerprint_follows_the_toolkit_s_source(reproduce, tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "repo"
+    for folder in ("toss_mlx", "bench"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    monkeypatch.setattr(reproduce, "__file__", str(root / "bench" / "reproduce.py"))
+    before = reproduce.code_fingerprint()
+    assert before == reproduce.code_fingerprint()
+    layout = root / "toss_mlx" / "layout.py"
+    layout.write_text(layout.read_text() + "\n# a comment\n")
+    assert reproduce.code_fingerprint() != before
 
 
 def test_bench_machine_is_measured(reproduce):
@@ -369,6 +388,7 @@ def _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned: bool):
     monkeypatch.setattr(reproduce, "DEFAULT_METHODS", reproduce.DEFAULT_METHODS | {name: ("standard_sft",)})
     monkeypatch.setattr(reproduce, "QUICK", dataclasses.replace(
         reproduce.QUICK, num_layers=2, align_layers=2, max_new_tokens=8, task_max_new_tokens=8, rank=4,
+        max_seq_len=400,  # the tiny tokenizer spends more tokens on a GSM prompt than real ones
         alpha=8.0, align_iters=2, data=reproduce.QUICK.data | dict(
             n_eval_harmful=3, n_eval_edgy=2, n_eval_task=2, n_eval_prefill=2, n_eval_other=2)))
 
