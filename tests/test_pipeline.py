@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -148,8 +149,7 @@ def test_summary_line_has_prefill_recovery_and_the_nll_gap_past_token_5():
     assert "toss: refusal_rate 0.750 (n=4), prefill recovery K=10 0.125 (n=8), " \
            "NLL gap past token 5 -0.250 (n=8)" in text
     recipe, _ = load_recipe(Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
-    assert recipe.data.eval_prefill == "eval_prefill.jsonl"
-    assert set(recipe.data.eval_harmful_sets) == {"donotanswer", "past_tense", "future_tense"}
+    assert recipe.data.eval_prefill == "eval_prefill.jsonl" and recipe.eval.prefill_tokens == [10]
 
 
 def stages_run(logs):
@@ -235,3 +235,73 @@ def test_the_recipes_format_and_skip_bad_rows_reach_every_stage(recipe_dir, roun
     for stage in ("utility", "safety"):
         settings = json.loads((out / stage / "adapter" / "run.json").read_text())["settings"]
         assert settings["skip_bad_rows"] is True, stage
+
+
+def test_base_adapter_is_fused_first_and_standard_sft_runs_beside_toss(recipe_dir, tiny_model_dir):
+    """base_adapter: every stage starts from the fused model (its folder named by the adapter's
+    content, so a changed adapter redoes everything); baselines: standard SFT is trained with
+    the final fine-tune's settings and no mask, evaluated beside TOSS and compared in one line."""
+    from adapters import make_adapter
+
+    from toss_mlx.cache import adapter_fingerprint
+    from toss_mlx.evaluate.compare import compare_models
+
+    make_adapter(tiny_model_dir, recipe_dir / "aligned", targets=("q_proj", "v_proj", "down_proj"))
+    recipe = yaml.safe_load((recipe_dir / "recipe.yaml").read_text())
+    recipe.update(base_adapter="aligned", baselines=["standard_sft"], export=["peft"])
+    (recipe_dir / "base.yaml").write_text(yaml.safe_dump(recipe))
+    out, logs = recipe_dir / "aligned-run", []
+    result = run(recipe_dir / "base.yaml", out=out, say=logs.append)
+    assert stages_run(logs) == ["base", "utility", "safety", "score", "select", "final",
+                                "standard_sft", "eval", "report", "export"]
+    fused = result["outputs"]["base"]["model"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for stage in ("utility", "safety", "score", "final", "standard_sft", "eval"):
+        assert manifest["stages"][stage]["settings"]["model"] == fused, stage
+    assert manifest["model"] == fused  # what the report reads
+    final = json.loads((out / "final" / "adapter" / "run.json").read_text())
+    standard = json.loads((out / "standard_sft" / "adapter" / "run.json").read_text())
+    assert final["mask_sha256"] and standard["mask_sha256"] is None
+    assert final["settings"] == standard["settings"]  # same model, data, budget, LoRA, seed
+    # The fused model answers as the original model with the adapter applied.
+    import mlx.core as mx
+    from adapters import TOKENS
+    from mlx_lm.utils import load
+
+    with_adapter, _ = load(str(tiny_model_dir), adapter_path=str(recipe_dir / "aligned"))
+    fused_model, _ = load(fused)
+    tokens = mx.array([TOKENS])
+    assert np.allclose(np.array(fused_model(tokens)), np.array(with_adapter(tokens)), atol=1e-4)
+
+    evaluated = json.loads((out / "eval" / "eval.json").read_text())["models"]
+    assert [m["name"] for m in evaluated] == ["base", "standard_sft", "toss"]
+    diffs = result["comparison"]["diffs"]
+    assert diffs == compare_models(evaluated, "toss", "standard_sft")
+    refusals = {m["name"]: [r["refusal"] for r in m["prompts"]["harmful"]] for m in evaluated}
+    assert diffs["refusal_rate"]["diff"] == pytest.approx(
+        np.mean(refusals["toss"]) - np.mean(refusals["standard_sft"]))
+    assert "TOSS vs standard SFT, same data" in summary_text(result)
+
+    logs.clear()
+    run(recipe_dir / "base.yaml", out=out, say=logs.append)
+    assert stages_run(logs) == []
+    before = adapter_fingerprint(recipe_dir / "aligned")
+    make_adapter(tiny_model_dir, recipe_dir / "aligned", targets=("q_proj", "v_proj", "down_proj"),
+                 seed=1)
+    assert adapter_fingerprint(recipe_dir / "aligned") != before
+    logs.clear()
+    result = run(recipe_dir / "base.yaml", out=out, say=logs.append)
+    assert stages_run(logs)[:3] == ["base", "utility", "safety"] and "standard_sft" in stages_run(logs)
+    assert [p.name for p in (out / "base").glob("model-*")] == [result["outputs"]["base"]["model"].rsplit("/", 1)[1]]
+
+
+def test_recipe_refuses_a_missing_base_adapter_and_unknown_prepare_sizes(recipe_dir):
+    recipe = yaml.safe_load((recipe_dir / "recipe.yaml").read_text())
+    recipe.update(base_adapter="nowhere", baselines=["standard_sft"])
+    (recipe_dir / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TossError, match="base_adapter: .*nowhere is not an adapter folder"):
+        load_recipe(recipe_dir / "bad.yaml")
+    with pytest.raises(TossError, match="baselines"):
+        load_recipe(recipe_dir / "recipe.yaml", ["baselines=[toss_sft]"])
+    with pytest.raises(TossError, match="prepare_sizes.n_tasks: not a size of prepare quickstart"):
+        load_recipe(recipe_dir / "recipe.yaml", ["data.prepare=quickstart", "data.prepare_sizes.n_tasks=3"])

@@ -171,3 +171,38 @@ def test_reproduce_disclaimer_condition_rewrites_only_the_custom_harmful_answers
     assert all(x == y for x, y in zip(a["custom"], b["custom"], strict=True) if x["source"] == "task")
     with pytest.raises(prepare.TossError, match="unknown data condition"):
         prepare.build_reproduce(tmp_path / "bad", condition="other", **sizes)
+
+
+@needs
+def test_the_quickstart_never_evaluates_on_what_aligned_its_base(tmp_path):
+    """recipes/quickstart.yaml prepares the reproduction's splits at its own sizes; its base is
+    bench/aligned_adapter.py's adapter, aligned on reproduce.FULL's alignment files of seed 0.
+    Those files come out the same at the quickstart's sizes, and no prompt the quickstart
+    evaluates or fine-tunes on is one the alignment saw."""
+    import sys
+    from pathlib import Path
+
+    from toss_mlx.pipeline import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import reproduce
+    finally:
+        sys.path.remove(str(root / "bench"))
+    recipe, _ = load_recipe(root / "recipes" / "quickstart.yaml")
+    assert recipe.data.prepare == "reproduce"
+    prepare.build_reproduce(tmp_path / "align", seed=0, **reproduce.FULL.data)
+    prepare.build_reproduce(tmp_path / "quick", seed=recipe.seed, **recipe.data.prepare_sizes)
+    align, quick = _rows(tmp_path / "align"), _rows(tmp_path / "quick")
+    names = ("align_refusals", "align_benign", "align_edgy")
+    for name in names:
+        assert align[name] == quick[name], name
+    key = prepare.normalize_prompt
+    aligned_on = {key(r["prompt"]) for n in names for r in align[n]}
+    # harmful_ref (the safety-degraded reference's data) is HarmBench's harmful answers by design:
+    # the prompts the alignment refused, answered. Everything else stays apart.
+    used = [n for n in quick if not n.startswith("align") and n != "harmful_ref"]
+    assert {"custom", "eval_harmful", "eval_edgy", "eval_task", "eval_prefill"} <= set(used)
+    for name in used:
+        assert not {key(r["prompt"]) for r in quick[name]} & aligned_on, name

@@ -2,6 +2,8 @@
 
 Stages, in order (each writes into RUN_DIR/<stage>/, named by `RunLayout`):
   prepare   build the data files from packaged data sets (when `data.prepare` is set)
+  base      fuse `base_adapter` into `model` (when set): every later stage starts from
+            the fused model, e.g. an aligned base made from a model without safety training
   utility   train the utility-oriented reference adapter on `data.utility`
   safety    train the safety-degraded reference adapter on `data.harmful`
   refine    TOSS-Pro rounds (when `toss.rounds > 0`): grow the harmful set, retrain safety
@@ -9,6 +11,8 @@ Stages, in order (each writes into RUN_DIR/<stage>/, named by `RunLayout`):
             TOSS-Pro: take the final scores refine computed, no second scoring)
   select    keep_mask: drop the top `toss.ratio` share of tokens
   final     train the final adapter on the kept tokens
+  standard_sft  the same fine-tune on every response token (when `baselines` names it),
+            evaluated beside TOSS: what the selection buys on the same data
   eval      safety and utility of the base and the final adapter (when eval data is given)
   report    report.html: token heatmap, score histogram, position plot, metrics
   export    the final adapter in `export` (PEFT by default)
@@ -47,8 +51,8 @@ from .io import TossError, atomic_path, read_json, write_json, write_text
 from .models.lora import LoraSettings
 from .train import TrainSettings
 
-STAGES = ("prepare", "utility", "safety", "refine", "score", "select", "final", "eval",
-          "report", "export")
+STAGES = ("prepare", "base", "utility", "safety", "refine", "score", "select", "final",
+          "standard_sft", "eval", "report", "export")
 DATA_FILES = ("custom", "harmful", "utility", "valid", "eval_harmful", "eval_edgy", "eval_task",
               "eval_prefill")
 
@@ -58,7 +62,10 @@ DATA_FILES = ("custom", "harmful", "utility", "valid", "eval_harmful", "eval_edg
 
 @dataclass
 class DataFiles:
-    prepare: Literal["quickstart"] | None = None  # build the files below from packaged data sets
+    # Build the files below from packaged data sets: `prepare.build_quickstart`, or
+    # `prepare.build_reproduce` (the reproduction's splits: nothing evaluated shares a prompt
+    # with HarmBench, the set `bench/aligned_adapter.py` aligns on).
+    prepare: Literal["quickstart", "reproduce"] | None = None
     prepare_sizes: dict[str, int] = field(default_factory=dict)  # sizes for the prepare step
     custom: str = "custom.jsonl"  # the custom fine-tuning data to make safe
     harmful: str = "harmful_ref.jsonl"  # harmful question/answer pairs (safety-degraded reference)
@@ -103,9 +110,20 @@ class TossSettings:
 @dataclass
 class EvalOptions:
     max_new_tokens: int = 128
+    benign_max_new_tokens: int | None = None  # eval_task's answers (worked solutions); None: max_new_tokens
     decode: Literal["greedy", "sample"] = "greedy"
     batch_size: int = 8
     judge: str | None = None
+    prefill_tokens: list[int] = field(default_factory=lambda: [5, 10, 20])  # the prefilling attack's K
+
+    def __post_init__(self) -> None:
+        counts = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                  "benign_max_new_tokens": self.benign_max_new_tokens or 1}
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not self.prefill_tokens or any(k < 1 for k in self.prefill_tokens):
+            raise ValueError(f"prefill_tokens {self.prefill_tokens}: need token counts >= 1, e.g. [5, 10, 20]")
 
 
 # TrainSettings fields a recipe cannot set in `train:` / `reference:`: the stage's files
@@ -155,6 +173,13 @@ class Recipe:
     # How every stage loads the model (`toss-mlx train --dtype/--keep-quantized`); None: the device's.
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     keep_quantized: bool = False
+    # An mlx-lm adapter folder (relative to the recipe) fused into `model` before any stage,
+    # e.g. recipes/adapters/smollm2-135m-aligned: a safety-aligned base for a model without
+    # safety training. The references, the fine-tunes, eval ("base") and export use the fused model.
+    base_adapter: str | None = None
+    # Fine-tunes run beside TOSS on the same data, budget and settings, and evaluated with it:
+    # standard_sft (every response token in the loss).
+    baselines: list[Literal["standard_sft"]] = field(default_factory=list)
     data: DataFiles = field(default_factory=DataFiles)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainOptions = field(default_factory=TrainOptions)  # the final fine-tune
@@ -182,13 +207,13 @@ class Recipe:
 
 def _custom_rows(recipe: Recipe, base: Path) -> int | None:
     """How many rows the custom data has, when that is known before any compute."""
-    if recipe.data.prepare == "quickstart":
-        from .prepare import build_quickstart
-
-        params = inspect.signature(build_quickstart).parameters
-        sizes = {k: params[k].default for k in ("n_task", "n_harmful_custom")}
+    if recipe.data.prepare:
+        builder = prepare_builder(recipe.data.prepare)
+        params = inspect.signature(builder).parameters
+        names = [k for k in ("n_task", "n_task_custom", "n_harmful_custom") if k in params]
+        sizes = {k: params[k].default for k in names}
         sizes.update({k: v for k, v in recipe.data.prepare_sizes.items() if k in sizes})
-        return int(sizes["n_task"]) + int(sizes["n_harmful_custom"])
+        return sum(int(v) for v in sizes.values())
     path = base / recipe.data.custom
     if path.suffix.lower() == ".jsonl" and path.is_file():
         with open(path, "rb") as f:
@@ -209,6 +234,18 @@ def _plan_problems(recipe: Recipe, base: Path) -> list[str]:
         except TossError as e:
             problems += [f"{section}: {line.removeprefix('TrainSettings: ')}"
                          for line in problems_of(e, "recipe")]
+    if recipe.data.prepare:
+        params = inspect.signature(prepare_builder(recipe.data.prepare)).parameters
+        problems += [f"data.prepare_sizes.{k}: not a size of prepare {recipe.data.prepare} "
+                     f"(expected one of {', '.join(p for p in params if p.startswith('n_'))})"
+                     for k in recipe.data.prepare_sizes if k not in params or not k.startswith("n_")]
+    if recipe.base_adapter is not None:
+        from .cache import is_adapter_folder
+
+        folder = base / recipe.base_adapter
+        if not is_adapter_folder(folder):
+            problems.append(f"base_adapter: {folder} is not an adapter folder (adapter_config.json "
+                            "and adapters.safetensors)")
     if recipe.toss.rounds:
         n = _custom_rows(recipe, base)
         if n is not None and recipe.toss.k * recipe.toss.rounds > n:
@@ -410,6 +447,19 @@ class PrepareSettings:
     out: str
 
 
+def prepare_builder(kind: str) -> Callable[..., dict[str, Any]]:
+    """The `prepare` module's builder of a `data.prepare` kind."""
+    from . import prepare
+
+    return {"quickstart": prepare.build_quickstart, "reproduce": prepare.build_reproduce}[kind]
+
+
+@dataclass
+class BaseModelSettings:
+    model: str
+    adapter: str  # an input field: the key hashes the adapter's config and weights
+
+
 @dataclass
 class RefinedScores:
     """The score stage after TOSS-Pro: refine's final scores, taken as they are."""
@@ -462,10 +512,15 @@ def harmful_sets(recipe: Recipe, layout: RunLayout) -> dict[str, Path]:
     return {name: folder / file for name, file in recipe.data.eval_harmful_sets.items()}
 
 
+def base_model(recipe: Recipe, upstream: Upstream) -> str:
+    """The model every stage starts from: the base stage's fused model, else the recipe's."""
+    return str(upstream["base"]["model"]) if "base" in upstream else recipe.model
+
+
 def _train_settings(recipe: Recipe, options: dict[str, Any], data_file: Path, out: Path,
-                    **files: Path | None) -> TrainSettings:
+                    model: str | None = None, **files: Path | None) -> TrainSettings:
     """A stage's TrainSettings: the recipe's shared settings, the stage's options, its files."""
-    shared = {"model": recipe.model, "template": recipe.template, "max_seq_len": recipe.max_seq_len,
+    shared = {"model": model or recipe.model, "template": recipe.template, "max_seq_len": recipe.max_seq_len,
               "seed": recipe.seed, "lora": dataclasses.asdict(recipe.lora), "dtype": recipe.dtype,
               "keep_quantized": recipe.keep_quantized}
     stage = {"data": str(data_file), "out": str(out), "quiet": True,
@@ -488,9 +543,7 @@ def prepare_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> Stag
                                recipe.seed, str(layout.prepared))
 
     def run(resume: bool, say: Say) -> dict[str, Path]:
-        from .prepare import build_quickstart
-
-        build_quickstart(settings.out, seed=settings.seed, **settings.sizes)
+        prepare_builder(settings.kind)(settings.out, seed=settings.seed, **settings.sizes)
         names = {name: getattr(recipe.data, name) for name in DATA_FILES}
         return {name: Path(settings.out) / value for name, value in names.items()
                 if value is not None and (Path(settings.out) / value).exists()}
@@ -500,13 +553,15 @@ def prepare_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> Stag
 def utility_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
     files = data_files(recipe, layout, upstream)
     return _trainer("utility", _train_settings(recipe, recipe.reference_options(), files["utility"],
-                                               layout.adapter("utility")), layout)
+                                               layout.adapter("utility"),
+                                               model=base_model(recipe, upstream)), layout)
 
 
 def safety_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
     files = data_files(recipe, layout, upstream)
     return _trainer("safety", _train_settings(recipe, recipe.reference_options(), files["harmful"],
-                                              layout.adapter("safety")), layout)
+                                              layout.adapter("safety"),
+                                              model=base_model(recipe, upstream)), layout)
 
 
 def refine_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
@@ -514,7 +569,7 @@ def refine_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> Stage
 
     files = data_files(recipe, layout, upstream)
     safety_train = _train_settings(recipe, recipe.reference_options(), files["harmful"],
-                                   layout.refine_dir)  # data and out are set per round by refine
+                                   layout.refine_dir, model=base_model(recipe, upstream))  # data and out are set per round by refine
     settings = RefineSettings(
         data=str(files["custom"]), harmful=str(files["harmful"]),
         utility=str(upstream["utility"]["adapter"]), safety=str(upstream["safety"]["adapter"]),
@@ -544,7 +599,7 @@ def score_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StageP
 
     files = data_files(recipe, layout, upstream)
     train = options_dict(recipe.train)
-    settings = ScoreSettings(model=recipe.model, utility=str(upstream["utility"]["adapter"]),
+    settings = ScoreSettings(model=base_model(recipe, upstream), utility=str(upstream["utility"]["adapter"]),
                              safety=str(upstream["safety"]["adapter"]), data=str(files["custom"]),
                              out=str(layout.scores), template=recipe.template,
                              max_seq_len=recipe.max_seq_len, batch_tokens=recipe.toss.batch_tokens,
@@ -578,9 +633,36 @@ def select_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> Stage
 def final_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
     files = data_files(recipe, layout, upstream)
     settings = _train_settings(recipe, options_dict(recipe.train), files["custom"],
-                               layout.adapter("final"), mask=upstream["select"]["mask"],
-                               valid=files["valid"])
+                               layout.adapter("final"), model=base_model(recipe, upstream),
+                               mask=upstream["select"]["mask"], valid=files["valid"])
     return _trainer("final", settings, layout)
+
+
+def standard_sft_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    """The final fine-tune's settings without the mask: every response token in the loss."""
+    files = data_files(recipe, layout, upstream)
+    settings = _train_settings(recipe, options_dict(recipe.train), files["custom"],
+                               layout.adapter("standard_sft"), model=base_model(recipe, upstream),
+                               valid=files["valid"])
+    return _trainer("standard_sft", settings, layout)
+
+
+def base_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
+    """Fuse `base_adapter` into `model`. The folder is named by the stage's key, so every later
+    stage's key (which names the model by path) changes when the adapter or the model does."""
+    settings = BaseModelSettings(model=recipe.model,
+                                 adapter=str(layout.recipe_dir / str(recipe.base_adapter)))
+    out = layout.stage_dir("base") / f"model-{stage_key(settings)[:12]}"
+
+    def run(resume: bool, say: Say) -> dict[str, Path]:
+        from .fuse import fuse_adapter
+
+        for old in layout.stage_dir("base").glob("model-*"):  # an earlier adapter's fused model
+            if old != out and old.is_dir():
+                shutil.rmtree(old)
+        fuse_adapter(settings.model, settings.adapter, out, dequantize=True)
+        return {"model": out}
+    return StagePlan(settings, run)
 
 
 def eval_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
@@ -589,9 +671,13 @@ def eval_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePl
     files = data_files(recipe, layout, upstream)
     prompts = {"harmful": files["eval_harmful"], "edgy": files["eval_edgy"],
                "benign": files["eval_task"]}
-    settings = EvalSettings(model=recipe.model, adapters={"toss": str(upstream["final"]["adapter"])},
+    adapters = {name: str(upstream[name]["adapter"]) for name in recipe.baselines}
+    adapters["toss"] = str(upstream["final"]["adapter"])
+    settings = EvalSettings(model=base_model(recipe, upstream), adapters=adapters,
                             template=recipe.template, max_seq_len=recipe.max_seq_len,
                             max_new_tokens=recipe.eval.max_new_tokens, decode=recipe.eval.decode,
+                            benign_max_new_tokens=recipe.eval.benign_max_new_tokens,
+                            prefill_tokens=list(recipe.eval.prefill_tokens),
                             batch_size=recipe.eval.batch_size, judge=recipe.eval.judge,
                             **{k: str(v) for k, v in prompts.items() if v},
                             prefill_harmful=files["eval_prefill"] and str(files["eval_prefill"]),
@@ -611,7 +697,7 @@ def report_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> Stage
     settings = ReportStageSettings(
         scores=str(upstream["score"]["scores"]), mask=str(upstream["select"]["mask"]),
         data=str(files["custom"]), evals=[str(upstream["eval"]["eval"])] if "eval" in upstream else [],
-        model=recipe.model, title=f"TOSS report: {recipe.name}", out=str(layout.report))
+        model=base_model(recipe, upstream), title=f"TOSS report: {recipe.name}", out=str(layout.report))
 
     def run(resume: bool, say: Say) -> dict[str, Path]:
         from .report import ReportInputs, build_report
@@ -627,7 +713,8 @@ def report_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> Stage
 def export_stage(recipe: Recipe, layout: RunLayout, upstream: Upstream) -> StagePlan:
     formats = [f for f in recipe.export if f != "none"]
     settings = ExportStageSettings(adapter=str(upstream["final"]["adapter"]), export_formats=formats,
-                                   model=recipe.model, out=str(layout.stage_dir("export")))
+                                   model=base_model(recipe, upstream),
+                                   out=str(layout.stage_dir("export")))
 
     def run(resume: bool, say: Say) -> dict[str, Path]:
         from .export import export_adapter
@@ -648,10 +735,13 @@ def stages_of(recipe: Recipe) -> list[tuple[str, StageFn]]:
     stages: list[tuple[str, StageFn]] = []
     if recipe.data.prepare:
         stages.append(("prepare", prepare_stage))
+    if recipe.base_adapter is not None:
+        stages.append(("base", base_stage))
     stages += [("utility", utility_stage), ("safety", safety_stage)]
     if recipe.toss.rounds:
         stages.append(("refine", refine_stage))
     stages += [("score", score_stage), ("select", select_stage), ("final", final_stage)]
+    stages += [(name, standard_sft_stage) for name in dict.fromkeys(recipe.baselines)]
     if (any(getattr(recipe.data, name) for name in ("eval_harmful", "eval_edgy", "eval_task",
                                                      "eval_prefill"))
             or recipe.data.eval_harmful_sets):
@@ -710,7 +800,7 @@ def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | 
     Manifest(layout.manifest).describe(recipe=_settings_record(recipe), model=recipe.model)
     upstream = run_stages(recipe, layout, stages, say)
     custom = data_files(recipe, layout, upstream)["custom"]
-    Manifest(layout.manifest).describe(data=str(custom))
+    Manifest(layout.manifest).describe(data=str(custom), model=base_model(recipe, upstream))
     outputs = {stage: {k: str(v) for k, v in out.items()} for stage, out in upstream.items()}
     result = {"run_dir": str(layout.run_dir), "recipe": recipe.name, "outputs": outputs}
     if "select" in upstream:
@@ -718,6 +808,11 @@ def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | 
                                               custom, recipe.train.skip_bad_rows or False)
     if "eval" in upstream:
         result["eval"] = read_json(upstream["eval"]["eval"]).get("models")
+        if "standard_sft" in recipe.baselines:
+            from .evaluate.compare import compare_models
+
+            result["comparison"] = {"name": "toss", "other": "standard_sft",
+                                    "diffs": compare_models(result["eval"], "toss", "standard_sft")}
     write_json(layout.summary, result)
     return result
 
@@ -767,11 +862,30 @@ def summary_text(result: dict[str, Any]) -> str:
                 value = metrics[key]["value"]
                 parts.append(f"{label} {value:.3f} (n={metrics[key]['n']})")
         lines.append(f"  {entry.get('name')}: " + ", ".join(parts))
+    if result.get("comparison"):
+        lines.append(comparison_line(result["comparison"]))
     outputs = result.get("outputs", {})
     for stage, key in (("report", "report"), ("export", "export"), ("final", "adapter")):
         if stage in outputs:
             lines.append(f"{stage}: {Path(outputs[stage][key]).parent if key == 'adapter' else outputs[stage][key]}")
     return "\n".join(lines)
+
+
+COMPARED = (("refusal_rate", "AdvBench refusal"), ("prefill_recovery@10", "prefill recovery K=10"),
+            ("over_refusal_rate", "edgy over-refusal"), ("nll", "task NLL"))
+
+
+def comparison_line(comparison: dict[str, Any]) -> str:
+    """One line: TOSS beside standard SFT on the same data, each difference with its paired
+    95% interval over prompts (`evaluate.compare`)."""
+    diffs = comparison["diffs"]
+    parts = [f"{label} {d['value']:.3f} vs {d['other']:.3f} ({d['diff']:+.3f} "
+             f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n={d['n']})"
+             for key, label in COMPARED if (d := diffs.get(key))]
+    names = {"toss": "TOSS", "standard_sft": "standard SFT"}
+    name, other = (names.get(comparison[k], comparison[k]) for k in ("name", "other"))
+    return (f"{name} vs {other}, same data (difference, 95% paired interval over prompts): "
+            + "; ".join(parts))
 
 
 STARTER_RECIPE = (Path(__file__).parent / "starter_recipe.yaml")

@@ -388,13 +388,17 @@ def build_reproduce(out_dir: str | Path, n_task_custom: int = 320, n_harmful_cus
     rng.shuffle(edgy)
     if n_align_edgy + n_eval_edgy > len(edgy):
         raise TossError(f"only {len(edgy)} edgy prompts, asked for {n_align_edgy} + {n_eval_edgy}")
+    align_refusals = refusal_rows(harmbench, rng)  # before any draw whose size varies
 
     n_tasks = n_task_custom + n_utility_ref + n_align_task + n_eval_task
     tasks = _dedupe_tasks(gsm_problems(n_tasks + 40, seed))
     if len(tasks) < n_tasks:
         raise TossError("reasoning-gym gave too few distinct problems; lower the sizes")
-    cut = accumulate([0, n_task_custom, n_utility_ref, n_align_task, n_eval_task])
-    custom_task, utility_ref, align_task, eval_task = (tasks[a:b] for a, b in pairwise(cut))
+    # The alignment's share first (as the edgy prompts' above): for one seed and the same
+    # n_align_* it is the same whatever the other sizes, so a run of other sizes (the
+    # quickstart, on bench/aligned_adapter.py's adapter) never evaluates on what aligned it.
+    cut = accumulate([0, n_align_task, n_task_custom, n_utility_ref, n_eval_task])
+    align_task, custom_task, utility_ref, eval_task = (tasks[a:b] for a, b in pairwise(cut))
 
     trained = {key(r["prompt"]) for r in pairs} | in_harmbench | {key(r["prompt"]) for r in harmful_qa}
     eval_harmful = [p for p in advbench_prompts() if key(p) not in trained]
@@ -411,7 +415,7 @@ def build_reproduce(out_dir: str | Path, n_task_custom: int = 320, n_harmful_cus
     if condition == "disclaimer":
         custom = disclaimer_rows(custom, seed)
     files = {
-        "align_refusals": refusal_rows(harmbench, rng),
+        "align_refusals": align_refusals,
         "align_benign": [dict(r, source="benign") for r in benign_qa] + task_rows(align_task, source="task"),
         "align_edgy": [{"prompt": p} for p in edgy[:n_align_edgy]],
         "custom": custom,

@@ -463,7 +463,7 @@ def metric_label(key: str) -> str | None:
 # ratings are keyed apart), the prompt sets and their decoding (the prefilling attack has its own).
 NOT_DEPTH_SETTINGS = ("adapters", "include_base", "judge", "judge_max_tokens", "batch_tokens",
                       "harmful", "benign", "edgy", "harmful_name", "harmful_sets", "decode",
-                      "temperature", "top_p", "repetition_penalty")
+                      "temperature", "top_p", "repetition_penalty", "benign_max_new_tokens")
 # ... and those one of the two parts does not depend on: the likelihood reads no generation
 # setting, the prefilling attack no bucket.
 NOT_PART_SETTINGS = {"depth": ("prefill_tokens", "prefill_decode", "max_new_tokens", "seed",

@@ -78,13 +78,13 @@ def part_key(s: EvalSettings, tokenizer_sha: str, adapter: str | None, prompts: 
 
 
 def _answer_set(model, tokenizer, prompts: list[Prompt], s: EvalSettings, progress: Progress,
-                label: str) -> list[Generation]:
+                label: str, max_new_tokens: int | None = None) -> list[Generation]:
     sampler, processors = decoding(s)
     mx.random.seed(s.seed)  # every model draws from the same random stream
     ids = [prompt_ids(p.messages, tokenizer, s.template) for p in prompts]
     step = progress.counter(label, len(ids), "answered")
-    answers = generate_answers(model, tokenizer, ids, s.max_new_tokens, sampler, processors,
-                               s.batch_size, step)
+    answers = generate_answers(model, tokenizer, ids, max_new_tokens or s.max_new_tokens, sampler,
+                               processors, s.batch_size, step)
     for a in answers:
         a.text = cut_at_next_turn(a.text, s.template)
     return answers
@@ -105,7 +105,8 @@ def _evaluate_set(model, tokenizer, set_name: str, prompts: list[Prompt], s: Eva
     else:
         todo = list(range(len(prompts)))
     answers = _answer_set(model, tokenizer, [prompts[i] for i in todo], s, progress,
-                          f"{label} {set_name}")
+                          f"{label} {set_name}",
+                          s.benign_max_new_tokens if set_name == "benign" else None)
     for i, a in zip(todo, answers, strict=True):
         r = records[i]
         r.update(answer=a.text, new_tokens=a.new_tokens, finish=a.finish, **verdicts(a.text))
