@@ -572,3 +572,34 @@ def test_real_model_batched_answers_equal_mlx_lm_generate(smollm2_dir):
         got = ev.generate_answers(model, tokenizer, prompts, 16, batch_size=4)
         for p, g in zip(prompts, got, strict=True):
             assert g.text == generate(model, tokenizer, p, max_tokens=16)
+
+
+@pytest.mark.parametrize("benign_max_new_tokens", [0, 3])
+def test_benign_answers_have_their_own_budget(noisy, noisy_dir, prompt_files, tmp_path,
+                                              benign_max_new_tokens):
+    """benign_max_new_tokens: task answers get their own length (harmful ones keep
+    max_new_tokens); 0 keeps only the reference answers' likelihood."""
+    model, tokenizer = noisy
+    s = ev.EvalSettings(model=str(noisy_dir), harmful=str(prompt_files["harmful"]),
+                        benign=str(prompt_files["benign"]), max_new_tokens=8, batch_size=2,
+                        benign_max_new_tokens=benign_max_new_tokens)
+    (base,) = ev.evaluate(s, tmp_path / "eval.json", quiet=True)["models"]
+    benign = base["prompts"]["benign"]
+    prompts = ev.read_prompts(s.benign)
+    seqs = [ev.answer_ids(p.messages, p.reference, tokenizer, "chat", 2048) for p in prompts]
+    naive = [naive_nll(model, ids, mask) for ids, mask in seqs]
+    assert base["metrics"]["nll"]["value"] == pytest.approx(sum(n for n, _ in naive) / sum(c for _, c in naive),
+                                                            rel=1e-4)
+    if benign_max_new_tokens == 0:
+        assert not any("answer" in r for r in benign) and "exact_match" not in base["metrics"]
+    else:
+        for prompt, record in zip(prompts, benign, strict=True):
+            if prompt.expected is None:
+                continue
+            tokens, _ = naive_greedy(model, tokenizer, ev.prompt_ids(prompt.messages, tokenizer, "chat"), 3)
+            assert record["answer"] == tokenizer.decode(tokens) and record["new_tokens"] <= 3
+        assert base["metrics"]["exact_match"]["n"] == 2
+    assert max(r["new_tokens"] for r in base["prompts"]["harmful"]) > 3  # max_new_tokens 8 there
+    with pytest.raises(TossError, match="benign_max_new_tokens must be >= 0"):
+        ev.evaluate(ev.EvalSettings(model=str(noisy_dir), benign=str(prompt_files["benign"]),
+                                    benign_max_new_tokens=-1), tmp_path / "bad.json", quiet=True)

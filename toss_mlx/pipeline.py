@@ -110,18 +110,20 @@ class TossSettings:
 @dataclass
 class EvalOptions:
     max_new_tokens: int = 128
-    benign_max_new_tokens: int | None = None  # eval_task's answers (worked solutions); None: max_new_tokens
+    # eval_task's answers (worked solutions): None: max_new_tokens; 0: the reference NLL only
+    benign_max_new_tokens: int | None = None
     decode: Literal["greedy", "sample"] = "greedy"
     batch_size: int = 8
     judge: str | None = None
     prefill_tokens: list[int] = field(default_factory=lambda: [5, 10, 20])  # the prefilling attack's K
 
     def __post_init__(self) -> None:
-        counts = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
-                  "benign_max_new_tokens": self.benign_max_new_tokens or 1}
-        for name, value in counts.items():
+        for name, value in (("max_new_tokens", self.max_new_tokens), ("batch_size", self.batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.benign_max_new_tokens is not None and self.benign_max_new_tokens < 0:
+            raise ValueError(f"benign_max_new_tokens must be 0 (the likelihood only) or more, got "
+                             f"{self.benign_max_new_tokens}")
         if not self.prefill_tokens or any(k < 1 for k in self.prefill_tokens):
             raise ValueError(f"prefill_tokens {self.prefill_tokens}: need token counts >= 1, e.g. [5, 10, 20]")
 

@@ -39,7 +39,8 @@ class EvalSettings:
     benign: str | None = None
     edgy: str | None = None
     max_new_tokens: int = 128
-    benign_max_new_tokens: int | None = None  # benign (task) answers; None: max_new_tokens
+    # benign (task) answers: None: max_new_tokens; 0: the reference answers' likelihood only
+    benign_max_new_tokens: int | None = None
     decode: Literal["greedy", "sample"] = "greedy"
     temperature: float = 1.0
     top_p: float = 0.9
@@ -86,8 +87,9 @@ def check_settings(s: EvalSettings) -> None:
         problems.append("the adapter name 'base' is taken by the bare base model; pick another")
     if s.max_new_tokens < 1 or s.batch_size < 1 or s.batch_tokens < 2:
         problems.append("max_new_tokens and batch_size must be >= 1, batch_tokens >= 2")
-    if s.benign_max_new_tokens is not None and s.benign_max_new_tokens < 1:
-        problems.append(f"benign_max_new_tokens must be >= 1, got {s.benign_max_new_tokens}")
+    if s.benign_max_new_tokens is not None and s.benign_max_new_tokens < 0:
+        problems.append(f"benign_max_new_tokens must be >= 0 (0: likelihood only), got "
+                        f"{s.benign_max_new_tokens}")
     if not 0 < s.top_p <= 1 or s.temperature <= 0 or s.repetition_penalty <= 0:
         problems.append("sampling needs 0 < top_p <= 1, temperature > 0, repetition_penalty > 0")
     if problems:

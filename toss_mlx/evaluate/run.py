@@ -101,7 +101,11 @@ def _evaluate_set(model, tokenizer, set_name: str, prompts: list[Prompt], s: Eva
                                    strict=True):
             records[i].update(reference=prompts[i].reference, reference_nll=nll,
                               reference_tokens=count)
-        todo = [i for i, p in enumerate(prompts) if p.expected is not None]
+        # benign_max_new_tokens 0: the likelihood only (no answers, no exact match)
+        todo = [i for i, p in enumerate(prompts) if p.expected is not None
+                and s.benign_max_new_tokens != 0]
+        if not todo:
+            return records
     else:
         todo = list(range(len(prompts)))
     answers = _answer_set(model, tokenizer, [prompts[i] for i in todo], s, progress,
