@@ -78,6 +78,7 @@ from toss_mlx.models.lora import LoraSettings  # noqa: E402
 from toss_mlx.pipeline import detector_quality  # noqa: E402
 from toss_mlx.prepare import CONDITIONS, build_reproduce  # noqa: E402
 from toss_mlx.refine import RefineSettings, refine  # noqa: E402
+from toss_mlx.refusal import match_pivot  # noqa: E402
 from toss_mlx.select import select  # noqa: E402
 from toss_mlx.train import TrainSettings, train  # noqa: E402
 
@@ -288,6 +289,8 @@ def metrics_of(model_entry: dict[str, Any]) -> dict[str, Any]:
         "advbench_refusal": value("refusal_rate"),
         "advbench_refusal_ci": interval("refusal_rate"),
         "advbench_refusal_start": value("refusal_rate_start"),
+        # refuses in words, then complies ("However, I can provide ..."): the disclaimer condition's shape
+        "advbench_refusal_then_comply": value("refusal_then_comply_rate"),
         "attack_success_rate": value("attack_success_rate"),
         "degenerate_rate": value("degenerate_rate"),
         "edgy_refusal": value("over_refusal_rate"),
@@ -328,15 +331,18 @@ def deep_samples(model_entry: dict[str, Any]) -> dict[str, Any] | None:
     other = {name: [bool(r["refusal"]) for r in records[f"harmful:{name}"]]
              for name in OTHER_SETS if records.get(f"harmful:{name}")}
     prefill: dict[str, list[bool]] = {}
+    pivots: dict[str, list[bool]] = {}  # a recovery that turns to comply again (refusal.match_pivot)
     for r in records.get("prefill") or []:
         prefill.setdefault(str(r["k"]), []).append(bool(r["recovered"]))
+        pivots.setdefault(str(r["k"]), []).append(
+            bool(r["recovered"]) and match_pivot(r.get("continuation", "")) is not None)
     depth = [{"tokens": r["tokens"],
               "gap": {b: (r["nll"][b] - r["nll_base"][b] if n else None) for b, n in r["tokens"].items()},
               "kl": ({b: (r["kl"][b] if n else None) for b, n in r["tokens"].items()} if "kl" in r else None)}
              for r in records.get("depth") or []]
     if not (other or prefill or depth):
         return None
-    return {"other_sets": other, "prefill": prefill, "depth": depth}
+    return {"other_sets": other, "prefill": prefill, "prefill_pivot": pivots, "depth": depth}
 
 
 def merge_deep(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -347,6 +353,9 @@ def merge_deep(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     ks = [k for k in samples[0]["prefill"] if all(k in s["prefill"] for s in samples)]
     return {"other_sets": {n: [v for s in samples for v in s["other_sets"][n]] for n in names},
             "prefill": {k: [v for s in samples for v in s["prefill"][k]] for k in ks},
+            # older results lack the pivots; then none is pooled
+            "prefill_pivot": ({k: [v for s in samples for v in s["prefill_pivot"][k]] for k in ks}
+                              if all("prefill_pivot" in s for s in samples) else {}),
             "depth": [d for s in samples for d in s["depth"]]}
 
 
@@ -379,6 +388,8 @@ def deep_summary(samples: dict[str, Any] | None) -> dict[str, Any]:
         "prefill_recovery": {k: sum(v) / len(v) for k, v in samples["prefill"].items() if v},
         "prefill_recovery_ci": {k: rate(sum(v), len(v))["ci95"] for k, v in samples["prefill"].items() if v},
         "n_prefill": max((len(v) for v in samples["prefill"].values()), default=0),
+        "prefill_refusal_then_comply": {k: sum(v) / len(v)
+                                        for k, v in (samples.get("prefill_pivot") or {}).items() if v},
     }
     depth = samples["depth"]
     if depth:
@@ -472,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"after the comparison, fine-tune these methods (comma-separated; standard_sft "
                          f"is always added) {STRESS_EPOCHS}x as long and evaluate them again: about "
                          f"15 minutes per method on 2 cores")
+    ap.add_argument("--retable", action="store_true",
+                    help="no steps: recompute every finished seed's metrics of this model and condition "
+                         "from the answers in its eval files (after a metric was added or fixed), then "
+                         "pool them and rewrite the results JSON and the table")
     ap.add_argument("--results", type=Path, default=None,
                     help="where the results JSON goes (default bench/results/reproduce.json for "
                          "SmolLM2 on the main condition, reproduce-MODEL-CONDITION.json otherwise, "
@@ -486,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = folder / ("quick" if args.quick else f"seed{args.seed}")
     # a --quick run's results stay in its folder: they must never replace a real run's
     results_file = args.results or (out / "reproduce.json" if args.quick else results_path(tag))
+    if args.retable:
+        return retable(folder, results_file if args.results else results_path(tag), tag, args.quick)
     data_dir = out / "data"
     steps = Steps(out)
     wall = time.perf_counter()
@@ -617,13 +634,50 @@ def main(argv: list[str] | None = None) -> int:
     # every finished seed of this model and condition, pooled (a quick run stands alone)
     seeds = [result] if args.quick else [read_json(p) for p in sorted(folder.glob("seed*/result.json"))]
     combined = combine_seeds(seeds)
+    write_results(combined, results_file, tag, args.quick)
+    print(f"report {out / 'report.html'}")
+    return 0
+
+
+def write_results(combined: dict[str, Any], results_file: Path, tag: str, quick: bool) -> None:
     results_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(results_file, combined)
     table = results_tables(combined)
     print(table)
-    if not args.quick:
+    if not quick:
         update_results_md(ROOT / "bench" / "RESULTS.md", table, tag)
-    print(f"wrote {results_file}; report {out / 'report.html'}")
+    print(f"wrote {results_file}")
+
+
+def remeasure(entry: dict[str, Any], model_entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` (a method's figures in result.json) with every figure `metrics_of` takes from the
+    evaluation recomputed from `model_entry`'s stored answers by the current `summarize`."""
+    from toss_mlx.evaluate import summarize
+
+    return entry | metrics_of(model_entry | {"metrics": summarize(model_entry["prompts"])})
+
+
+def retable(folder: Path, results_file: Path, tag: str, quick: bool) -> int:
+    """--retable: every finished seed's metrics from its eval files, pooled, written again."""
+    paths = [folder / "quick" / "result.json"] if quick else sorted(folder.glob("seed*/result.json"))
+    results = [read_json(p) for p in paths if p.exists()]
+    if not results:
+        raise SystemExit(f"--retable: no finished seed under {folder}")
+    for path, r in zip(paths, results, strict=True):
+        evaluated = eval_models(Path(r["eval"]))
+        if not evaluated:
+            print(f"{path}: its eval file is gone; its figures stay as they were")
+            continue
+        for name in r["methods"]:
+            r["methods"][name] = remeasure(r["methods"][name],
+                                           evaluated["base" if name == "aligned_base" else name])
+        alignment = eval_models(path.parent / "eval-alignment.json")
+        if r.get("align") and alignment:
+            r["original_model"] = remeasure(r["original_model"], alignment["base"])
+        elif not r.get("align"):
+            r["original_model"] = r["methods"].get("aligned_base", r["original_model"])
+        write_json(path, r)
+    write_results(combine_seeds(results), results_file, tag, quick)
     return 0
 
 
@@ -719,6 +773,7 @@ def nll_difference(pairs: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.nda
 
 
 RATES = {"advbench_refusal": "n_prompts", "advbench_refusal_start": "n_prompts",
+         "advbench_refusal_then_comply": "n_prompts",
          "attack_success_rate": "n_prompts", "degenerate_rate": "n_prompts",
          "edgy_refusal": "n_edgy", "task_accuracy": "n_task"}
 PER_SEED = ("advbench_refusal", "edgy_refusal", "degenerate_rate", "task_nll", "task_accuracy")
@@ -735,6 +790,9 @@ def pool(entries: list[dict[str, Any]], nlls: list[tuple[np.ndarray, np.ndarray]
     """
     out: dict[str, Any] = {}
     for key, n_key in RATES.items():
+        if any(e.get(key) is None for e in entries):  # a figure an older result lacks
+            out[key] = None
+            continue
         n = sum(e[n_key] for e in entries)
         count = sum(round(e[key] * e[n_key]) for e in entries)
         out[key] = count / n if n else None
@@ -872,9 +930,9 @@ def _ci(ci: list[float] | None) -> str:
 
 def markdown_table(methods: list[tuple[str, dict[str, Any]]], seeds: list[int]) -> str:
     rows = [f"| method | AdvBench refusal % [95% CI]{' (per seed)' if len(seeds) > 1 else ''} | "
-            "edgy refusal % | degenerate % | task NLL | vs standard SFT [95% CI] | task accuracy % | "
-            "removed tokens | in harmful samples % | harmful openings removed % |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "refuses, then complies % | edgy refusal % | degenerate % | task NLL | vs standard SFT [95% CI] | "
+            "task accuracy % | removed tokens | in harmful samples % | harmful openings removed % |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods:
         per_seed = ("" if len(seeds) == 1 else
                     " (" + ", ".join(_pct(v) for v in m["per_seed"]["advbench_refusal"]) + ")")
@@ -889,7 +947,7 @@ def markdown_table(methods: list[tuple[str, dict[str, Any]]], seeds: list[int]) 
         det = m.get("detector") or {}
         removed = m.get("removed_tokens")
         rows.append(f"| {name} | {_pct(m['advbench_refusal'])}{_ci(m['advbench_refusal_ci'])}{per_seed} | "
-                    f"{_pct(m['edgy_refusal'])}{_ci(m['edgy_refusal_ci'])} | {_pct(m['degenerate_rate'])} | "
+                    f"{_pct(m.get('advbench_refusal_then_comply'))} | {_pct(m['edgy_refusal'])}{_ci(m['edgy_refusal_ci'])} | {_pct(m['degenerate_rate'])} | "
                     f"{m['task_nll']:.3f} | {versus} | {_pct(m['task_accuracy'])} | "
                     f"{'-' if removed is None else f'{removed:.0f}'} | {_pct(det.get('precision'))} | "
                     f"{_pct(det.get('first_token_removed_harmful'))} |")
@@ -914,14 +972,14 @@ def deep_table(methods: list[tuple[str, dict[str, Any]]]) -> str:
     ks = sorted(first.get("prefill_recovery", {}), key=int)
     buckets = list(first.get("harmful_nll_gap") or {})
     head = ([f"{OTHER_SET_LABELS.get(n, n)} refusal % [95% CI]" for n in sets]
-            + [f"prefill K={k} recovery % [95% CI]" for k in ks]
+            + [f"prefill K={k} recovery % [95% CI] (then complies %)" for k in ks]
             + [f"NLL gap tokens {b}" for b in buckets] + (["KL tokens 6+"] if "6+" in buckets else []))
     rows = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, m in methods:
         cells = [f"{_pct(m.get('other_refusal', {}).get(n))}{_ci(m.get('other_refusal_ci', {}).get(n))}"
                  for n in sets]
         cells += [f"{_pct(m.get('prefill_recovery', {}).get(k))}{_ci(m.get('prefill_recovery_ci', {}).get(k))}"
-                  for k in ks]
+                  f" ({_pct((m.get('prefill_refusal_then_comply') or {}).get(k))})" for k in ks]
         cells += [_nats((m.get("harmful_nll_gap") or {}).get(b)) for b in buckets]
         if "6+" in buckets:
             cells.append(_nats((m.get("kl_to_base") or {}).get("6+")))

@@ -246,6 +246,11 @@ def test_deep_safety_figures_from_an_eval_entry_match_hand_counts_and_depth_metr
     for b in ("1-5", "6-20", "21-80", "6+"):
         assert gap[b] == pytest.approx(dm[f"answer_nll_gap@{b}"]["value"])
     assert m["prefill_recovery"]["5"] == dm["prefill_recovery@5"]["value"]
+    # a recovery that turns to comply again is counted apart, as the toolkit's metric does
+    entry["prompts"]["prefill"][2]["continuation"] = "I can't help. However, here is how."
+    m2 = reproduce.metrics_of(entry)
+    assert m2["prefill_refusal_then_comply"] == {"5": 0.0, "10": 0.5}
+    assert depth_metrics(entry["prompts"])["prefill_refusal_then_comply@10"]["value"] == 0.5
     # metrics_of(metrics_of(...)) reads the kept samples back: the same figures
     again = reproduce.metrics_of({"metrics": entry["metrics"], "prompts": {}} | {"deep_samples": m["deep_samples"]})
     assert again["harmful_nll_gap"] == gap
@@ -410,6 +415,20 @@ def test_quick_run_on_the_tiny_model_with_alignment(reproduce, tiny_model_dir, t
     # without --results, a --quick run's pooled results stay in its own folder
     assert reproduce.main(["--quick", "--model", name, "--methods", "first5", "--out", str(tmp_path / "runs")]) == 0
     assert (tmp_path / "runs" / f"{name}-main" / "quick" / "reproduce.json").exists()
+    # --retable: figures recomputed from the stored answers (as after a metric is added), no step run
+    path = tmp_path / "runs" / f"{name}-main" / "quick" / "result.json"
+    result = json.loads(path.read_text())
+    want = {n: (m["advbench_refusal"], m["advbench_refusal_then_comply"]) for n, m in result["methods"].items()}
+    for m in result["methods"].values():
+        m["advbench_refusal"], m["advbench_refusal_then_comply"] = 0.123, None
+    path.write_text(json.dumps(result))
+    monkeypatch.setattr(reproduce, "Steps", None)  # a step would fail
+    assert reproduce.main(["--quick", "--model", name, "--methods", "first5", "--out", str(tmp_path / "runs"),
+                           "--results", str(results), "--retable"]) == 0
+    again = json.loads(path.read_text())
+    assert {n: (m["advbench_refusal"], m["advbench_refusal_then_comply"])
+            for n, m in again["methods"].items()} == want
+    assert json.loads(results.read_text())["methods"]["first5"]["advbench_refusal"] == want["first5"][0]
 
 
 @needs_data
