@@ -632,11 +632,34 @@ def main(argv: list[str] | None = None) -> int:
                      f"TOSS reproduction ({model}, {args.condition} data)")
     write_json(out / "result.json", result)
     # every finished seed of this model and condition, pooled (a quick run stands alone)
-    seeds = [result] if args.quick else [read_json(p) for p in sorted(folder.glob("seed*/result.json"))]
+    seeds = [result] if args.quick else gather_seeds(folder, results_file)
     combined = combine_seeds(seeds)
     write_results(combined, results_file, tag, args.quick)
     print(f"report {out / 'report.html'}")
     return 0
+
+
+def gather_seeds(folder: Path, results_file: Path) -> list[dict[str, Any]]:
+    """Every finished seed of one model and condition: the run folder's, then the results file's.
+
+    A run folder lives outside git and is lost with its machine; the results file keeps each
+    seed's result.json whole (`per_seed`, problem NLLs and deep-safety samples included), so a
+    seed run in another session still pools with today's. The folder's copy of a seed wins;
+    a stored seed run with other settings (an earlier version of the reproduction) is left out
+    and named, never pooled (`check_poolable`).
+    """
+    seeds = {r["seed"]: r for r in (read_json(p) for p in sorted(folder.glob("seed*/result.json")))}
+    stored = read_json(results_file).get("per_seed", {}) if results_file.exists() else {}
+    for seed, r in sorted(stored.items(), key=lambda kv: int(kv[0])):
+        if r["seed"] in seeds:
+            continue
+        try:
+            check_poolable([next(iter(seeds.values())), r] if seeds else [r])
+        except TossError as err:
+            print(f"{results_file}: seed {seed} left out: {err}")
+            continue
+        seeds[r["seed"]] = r
+    return [seeds[k] for k in sorted(seeds)]
 
 
 def write_results(combined: dict[str, Any], results_file: Path, tag: str, quick: bool) -> None:
@@ -658,11 +681,15 @@ def remeasure(entry: dict[str, Any], model_entry: dict[str, Any]) -> dict[str, A
 
 
 def retable(folder: Path, results_file: Path, tag: str, quick: bool) -> int:
-    """--retable: every finished seed's metrics from its eval files, pooled, written again."""
+    """--retable: every finished seed's metrics from its eval files, pooled, written again.
+
+    Seeds kept only in the results file (their run folder gone: `gather_seeds`) are pooled
+    with their figures as they were."""
     paths = [folder / "quick" / "result.json"] if quick else sorted(folder.glob("seed*/result.json"))
-    results = [read_json(p) for p in paths if p.exists()]
-    if not results:
-        raise SystemExit(f"--retable: no finished seed under {folder}")
+    paths = [p for p in paths if p.exists()]
+    results = [read_json(p) for p in paths]
+    if not results and (quick or not results_file.exists()):
+        raise SystemExit(f"--retable: no finished seed under {folder} or in {results_file}")
     for path, r in zip(paths, results, strict=True):
         evaluated = eval_models(Path(r["eval"]))
         if not evaluated:
@@ -677,7 +704,8 @@ def retable(folder: Path, results_file: Path, tag: str, quick: bool) -> int:
         elif not r.get("align"):
             r["original_model"] = r["methods"].get("aligned_base", r["original_model"])
         write_json(path, r)
-    write_results(combine_seeds(results), results_file, tag, quick)
+    write_results(combine_seeds(results if quick else gather_seeds(folder, results_file)),
+                  results_file, tag, quick)
     return 0
 
 

@@ -147,6 +147,29 @@ def test_combine_seeds_refuses_seeds_of_other_settings(reproduce):
     reproduce.check_poolable([result(0), result(1), result(2)])  # only the seed differs: fine
 
 
+def test_seeds_of_other_sessions_pool_from_the_results_file(reproduce, tmp_path, capsys):
+    """A run folder is lost with its machine: seeds stored whole in the results file's per_seed
+    pool with the folder's; the folder's copy of a seed wins; other settings are left out."""
+    def result(seed: int, refusal: float, **setting) -> dict:
+        return {"seed": seed, "model": "tiny", "refusal": refusal,
+                "setting": {"seed": seed, "finetune_epochs": 1, **setting}}
+
+    folder = tmp_path / "tiny-main"
+    for seed, refusal in ((1, 0.5), (2, 0.6)):
+        (folder / f"seed{seed}").mkdir(parents=True)
+        (folder / f"seed{seed}" / "result.json").write_text(json.dumps(result(seed, refusal)))
+    results = tmp_path / "reproduce.json"
+    assert [r["seed"] for r in reproduce.gather_seeds(folder, results)] == [1, 2]  # no results file yet
+    stored = {"0": result(0, 0.1), "1": result(1, 0.9), "3": result(3, 0.3, finetune_lr=1e-4)}
+    results.write_text(json.dumps({"per_seed": stored}))
+    seeds = reproduce.gather_seeds(folder, results)
+    assert [(r["seed"], r["refusal"]) for r in seeds] == [(0, 0.1), (1, 0.5), (2, 0.6)]
+    printed = capsys.readouterr().out
+    assert "seed 3 left out" in printed and "(finetune_lr)" in printed
+    # no folder at all (a new session, --retable): the stored seeds alone, poolable with the first
+    assert [r["seed"] for r in reproduce.gather_seeds(tmp_path / "gone", results)] == [0, 1]
+
+
 def test_steps_are_keyed_by_their_arguments_and_the_steps_before(reproduce, tmp_path, monkeypatch):
     calls: list[tuple] = []
 
