@@ -17,11 +17,12 @@ every response token, mlx-lm with the prompt offset (`mlx_lm.lora --mask-prompt`
    and the median of the paired (same-round) ratios; peak memory is mx.get_peak_memory
    over the loop (model weights included, as both hold them).
 2. Lengths: one compiled training step (its compile included) at batch 1 x L (L = 256,
-   512, 1024) with mlx-lm's loss, ours, and the body alone (a loss on the final hidden states, no vocabulary
-   projection), alternating: peak memory and step time of each; `toss_recompute` is ours
-   with KEEP_PROBS_BYTES = 0 (no softmax kept: the head's chunks recomputed backwards). body-only is the floor
-   both trainers share; mlx-lm's excess over it grows with L x V (its logits), ours with
-   the kept targets only.
+   512, 1024) with mlx-lm's loss, ours (`toss`: the kept head on the memory-lean body,
+   `toss_mlx_layers`: the kept head on mlx-lm's layers), and each body alone (a loss on the
+   final hidden states, no vocabulary projection: `body_only` through mlx-lm's layers,
+   `body_only_lean` through `toss_mlx.lean_body`), one after the other: peak memory and
+   step time of each. mlx-lm's excess over its body grows with L x V (its logits), ours
+   with the kept targets only; the lean body lowers the floor itself.
 
 Writes bench/results/train_throughput.json after every piece (a killed run keeps what
 it measured).
@@ -227,8 +228,7 @@ def length_steps(case: Case, model_dir: Path, rows: list[dict], share: float, to
 
     from toss_mlx import batches
     from toss_mlx.batches import KeepDataset, make_batch, masked_loss, use_kept_head
-
-    keep_probs = batches.KEEP_PROBS_BYTES
+    from toss_mlx.lean_body import lean_hidden_states
 
     model, _ = load_model(str(model_dir), quiet=True)
     mx.random.seed(42)
@@ -238,6 +238,10 @@ def length_steps(case: Case, model_dir: Path, rows: list[dict], share: float, to
 
     def body_loss(model, tokens, lengths, *rest):
         h = model.model(tokens[:, :-1])
+        return (h * probe).sum() / tokens.shape[1], lengths.sum()
+
+    def lean_body_loss(model, tokens, lengths, *rest):
+        h = lean_hidden_states(model, tokens[:, :-1])
         return (h * probe).sum() / tokens.shape[1], lengths.sum()
 
     def compiled(loss):
@@ -258,18 +262,20 @@ def length_steps(case: Case, model_dir: Path, rows: list[dict], share: float, to
     for L in lengths:
         _, _, items, tokenized, measured = make_data(tmp / f"len{L}", rows, 2, L, share, tokenizer)
         ours = make_batch(KeepDataset.build(tokenized), np.array([0]), L)
-        use_kept_head(model, tokenized.samples[0].tokens)
         tokens = mx.array(np.array([items[0][0]], np.int32))
         theirs = (tokens, mx.array([[items[0][1], L]], mx.int32))  # mlx-lm: (offset, length)
+        # toss: the trainer as it runs (kept head, lean body); toss_mlx_layers: the kept head on
+        # mlx-lm's layers (TOSS_MLX_LEAN_BODY=0); body_only / body_only_lean: a loss on the final
+        # hidden states, no vocabulary projection, through either body (the floors)
         losses = {"mlx_lm": (default_loss, theirs), "toss": (partial(masked_loss, norm="token"), ours),
-                  "toss_recompute": (partial(masked_loss, norm="token"), ours),
-                  "body_only": (body_loss, ours)}
+                  "toss_mlx_layers": (partial(masked_loss, norm="token"), ours),
+                  "body_only": (body_loss, ours), "body_only_lean": (lean_body_loss, ours)}
         result = {}
         for name, (loss, batch) in losses.items():
             gc.collect()
             mx.clear_cache()
-            # toss_recompute: no softmax kept, the head's chunks recomputed in the backward pass
-            batches.KEEP_PROBS_BYTES = 0 if name == "toss_recompute" else keep_probs
+            use_kept_head(model, tokenized.samples[0].tokens, lean_body=name != "toss_mlx_layers")
+            assert batches._KEPT_HEAD[id(model)][2] == (name != "toss_mlx_layers")
             step, state = compiled(loss)
             mx.reset_peak_memory()
             start = time.perf_counter()  # one step, its compile included (seconds are rough)
@@ -278,7 +284,6 @@ def length_steps(case: Case, model_dir: Path, rows: list[dict], share: float, to
             result[name] = {"seconds": time.perf_counter() - start,
                             "peak_gb": mx.get_peak_memory() / 1e9, "loss": value.item()}
             del step, state
-        batches.KEEP_PROBS_BYTES = keep_probs
         result["response_share"] = measured
         result["logits_gb"] = L * out["vocab"] * 4 / 1e9  # one float32 [L, V] array
         out["lengths"][L] = result

@@ -14,7 +14,9 @@
    normalizer summed over all ranks so that N processes equal one process.
    Only the kept targets' hidden states meet the vocabulary projection
    (`kept_cross_entropy`, after `use_kept_head` checked the model once), with a
-   hand-written gradient: no [B, L, V] logits, in time or in memory.
+   hand-written gradient: no [B, L, V] logits, in time or in memory. The body
+   before it is `lean_body.lean_hidden_states` where that equals the model's own
+   (llama-like models): it keeps less for the backward pass.
 
 A batch is the tuple `(tokens, lengths, keep)`; mlx-lm's compiled step passes
 every element of it to the loss.
@@ -223,30 +225,53 @@ def masked_cross_entropy(logits: mx.array, targets: mx.array, keep: mx.array,
     return means.sum(), (per_sample > 0).sum().astype(mx.float32)
 
 
-_KEPT_HEAD: dict[int, tuple] = {}  # id(model) -> (weakref, whether head(body) is the model)
+_KEPT_HEAD: dict[int, tuple] = {}  # id(model) -> (weakref, head(body) is the model, lean body)
 
 
-def use_kept_head(model: nn.Module, tokens: np.ndarray) -> bool:
+def use_kept_head(model: nn.Module, tokens: np.ndarray, lean_body: bool = True) -> bool:
     """Check once (eagerly, before training) that the model's logits are its vocabulary
     projection of its body's hidden states (`token_loss.pick_path`); then the losses
     project only the kept targets' hidden states. Otherwise (or never checked) they use
-    the model's full logits."""
+    the model's full logits.
+
+    `lean_body`: also run the body as `lean_body.lean_hidden_states` (less memory for the
+    backward pass) where it equals the model's own body on the same probe; off with
+    gradient checkpointing (mlx-lm's checkpointed layers are then the body) or with
+    TOSS_MLX_LEAN_BODY=0.
+    """
     import weakref
 
-    from .token_loss import pick_path
+    from .lean_body import lean_matches
+    from .token_loss import pick_path, probe_batch
 
     ok = pick_path(model, tokens)[0] != "full"
-    _KEPT_HEAD[id(model)] = (weakref.ref(model), ok)
+    lean = (ok and lean_body and os.environ.get("TOSS_MLX_LEAN_BODY", "1") != "0"
+            and lean_matches(model, mx.array(probe_batch([tokens])))[0])
+    _KEPT_HEAD[id(model)] = (weakref.ref(model), ok, lean)
     return ok
 
 
-def _kept_head(model: nn.Module):
+def _checked(model: nn.Module) -> tuple | None:
     entry = _KEPT_HEAD.get(id(model))
-    if entry is None or entry[0]() is not model or not entry[1]:
+    return entry if entry is not None and entry[0]() is model else None
+
+
+def _kept_head(model: nn.Module):
+    entry = _checked(model)
+    if entry is None or not entry[1]:
         return None
     from .token_loss import head
 
     return head(model)
+
+
+def _body(model: nn.Module, inputs: mx.array) -> mx.array:
+    entry = _checked(model)
+    if entry is not None and entry[2]:
+        from .lean_body import lean_hidden_states
+
+        return lean_hidden_states(model, inputs)
+    return model.model(inputs)
 
 
 LOG2_E = 1.4426950408889634
@@ -309,7 +334,7 @@ def kept_cross_entropy(model: nn.Module, tokens: mx.array, keep: mx.array, rows:
         return masked_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], keep[:, 1:], norm)
     if rows is None:
         rows, samples = (mx.array(a) for a in kept_rows(np.array(keep.astype(mx.bool_))))
-    h = model.model(tokens[:, :-1])
+    h = _body(model, tokens[:, :-1])
     valid = rows >= 0
     index = mx.stop_gradient(mx.maximum(rows, 0))  # indices carry no gradient
     hidden = mx.take(h.reshape(-1, h.shape[-1]), index, axis=0)  # [K, D]

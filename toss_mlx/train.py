@@ -663,7 +663,9 @@ def _train(settings: TrainSettings, on_step: Callable[[dict], None] | None) -> T
         + (f" x {world} processes" if world > 1 else "")
         + f", {per_epoch} steps/epoch, {total} steps, kept {kept_share:.1%} of response tokens")
 
-    use_kept_head(model, train_set.tokens[0])  # project only kept targets, if the head allows
+    # project only kept targets, if the head allows; the memory-lean body unless mlx-lm's
+    # checkpointed layers are asked for
+    use_kept_head(model, train_set.tokens[0], lean_body=not s.grad_checkpoint)
     loop = _TrainingCallback(s, model, optimizer, train_set, valid_set, out, config, start, total, best, on_step)
     seconds = loop.run() if start < total else 0.0
     if rank == 0:
