@@ -147,12 +147,25 @@ QUICK = Setting(data=dict(n_task_custom=24, n_harmful_custom=6, n_harmful_ref=8,
 #   pairs x K = 5, 10, 20 prefilled (72 generations) and 16 task problems with 96 new tokens: ~166
 #   40-token generations a model, ~12 min each on SmolLM2's ~4 min per 124: ~85 min.
 # Total ~2.5 h. If the first fine-tune's steps take far more than 13 s, lower --methods first.
+# Learning rate 5e-5, not SmolLM2's 2e-4: at LoRA scale 20 (alpha 320, rank 16) on every linear
+# layer, 2e-4 is unstable on Qwen. `python bench/finetune_stability.py` (the --quick custom data, 8
+# steps, top 4 layers; bench/results/finetune_stability.json) measured held-out task NLL after each
+# step: lr 2e-4 scale 20: 1.30 -> 0.94 1.01 1.06 1.12 1.50 1.41 2.58 1.26 (jumps; the --quick run's
+# TOSS-Pro adapter ended at 6.9); lr 2e-4 scale 2: -> ... 0.91, smooth; lr 5e-5 scale 20: -> 0.89,
+# smooth. The last learns fastest of the stable ones and keeps SmolLM2's LoRA shape.
 QWEN = Setting(data=dict(n_task_custom=96, n_harmful_custom=24, n_harmful_ref=24, n_utility_ref=24,
                          n_align_task=60, n_align_edgy=75, n_safe_demos=4, n_eval_harmful=40,
                          n_eval_edgy=24, n_eval_task=16, n_eval_prefill=24, n_eval_other=10),
                align_layers=8, num_layers=4, max_seq_len=320, pro_k=4, task_max_new_tokens=96,
-               eval_batch=24)
+               eval_batch=24, finetune_lr=5e-5, reference_lr=5e-5)
 SIZES = {"smollm2-135m-instruct": FULL, "qwen2.5-coder-0.5b-instruct": QWEN}
+
+
+def quick_setting(model: str) -> Setting:
+    """--quick's tiny sizes with the model's own learning rates (a stable recipe is part of
+    what the plumbing check shows)."""
+    full = SIZES.get(model, FULL)
+    return dataclasses.replace(QUICK, finetune_lr=full.finetune_lr, reference_lr=full.reference_lr)
 DEFAULT_TAG = "smollm2-135m-instruct-main"
 
 
@@ -495,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     model: str = args.model
     align = (model not in NATIVELY_ALIGNED) if args.align is None else args.align
     names = parse_methods(args.methods, model)
-    s = QUICK if args.quick else SIZES[model]
+    s = quick_setting(model) if args.quick else SIZES[model]
     tag = run_tag(model, args.condition, align)
     folder = args.out / tag
     out: Path = folder / ("quick" if args.quick else f"seed{args.seed}")
