@@ -5,7 +5,7 @@ red-team samples) and finds that TOSS keeps far more of the model's safety than
 sample-level defences at equal utility. This script runs the same comparison on
 SmolLM2-135M-Instruct with data that PyPI packages ship, from one command:
 
-    python bench/reproduce.py                 # about 1.6 hours on a 2-core x86 CPU
+    python bench/reproduce.py                 # about 2.5 hours on an idle 2-core x86 CPU
     python bench/reproduce.py --seed 1        # another replicate; results pool all seeds
     python bench/reproduce.py --stress first5,toss_d0.1   # then those fine-tuned 2x longer
     python bench/reproduce.py --quick         # a few minutes: checks the plumbing only
