@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 from machine_info import machine  # noqa: E402
+from reproduce import ALL_LINEAR, QUICK  # noqa: E402  (bench/reproduce.py: the same data and LoRA targets)
 
 import toss_mlx  # noqa: E402,F401  (preloads BLAS before mlx.core)
 from toss_mlx.data import tokenize_dataset  # noqa: E402
@@ -40,8 +41,6 @@ from toss_mlx.models.load import load_model, load_tokenizer  # noqa: E402
 from toss_mlx.models.lora import LoraSettings, adapter_applied  # noqa: E402
 from toss_mlx.prepare import build_reproduce  # noqa: E402
 from toss_mlx.train import TrainSettings, train  # noqa: E402
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def held_out_nll(model, sequences: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -61,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="stability-"))
     data = work / "data"
-    build_reproduce(data, seed=args.seed, condition="main", n_task_custom=24, n_harmful_custom=6,
-                    n_harmful_ref=8, n_utility_ref=8, n_align_task=8, n_align_edgy=8, n_safe_demos=2,
-                    n_eval_harmful=8, n_eval_edgy=6, n_eval_task=16, n_eval_prefill=8, n_eval_other=4)
+    # --quick's data, with more held-out task problems and harmful pairs to measure on
+    build_reproduce(data, seed=args.seed, condition="main", **QUICK.data | dict(n_eval_task=16, n_eval_prefill=8))
     tokenizer = load_tokenizer(args.model)
     # the held-out task answers and the held-out harmful answers (prefill pairs), as sequences
     held = {name: [(s.tokens, s.response_mask) for s in

@@ -183,13 +183,9 @@ def lean_matches(model: nn.Module, probe: mx.array) -> tuple[bool, str]:
     """Whether `lean_hidden_states` equals the model's own body on `probe` [B, L] (a
     float32 bound of 1e-4 or a bfloat16 one of 3e-2, relative to the largest value), and
     the figures."""
-    from .token_loss import _param_dtype, llama_like
+    from .token_loss import agreement, llama_like
 
     if not llama_like(model):
         return False, "not a llama-like body"
-    ref = model.model(probe).astype(mx.float32)
-    got = lean_hidden_states(model, probe).astype(mx.float32)
-    tol = 1e-4 if _param_dtype(model) == mx.float32 else 3e-2
-    bound = tol * (1.0 + mx.abs(ref).max().item())
-    diff = mx.abs(got - ref).max().item()
+    diff, bound = agreement(model, lean_hidden_states(model, probe), model.model(probe))
     return diff <= bound, f"max difference {diff:.2g} (bound {bound:.2g})"

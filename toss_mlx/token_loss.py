@@ -338,11 +338,18 @@ def pick_path(model: nn.Module, samples: np.ndarray | Sequence[np.ndarray]) -> t
 _CHOICES: dict[tuple, tuple[weakref.ref, tuple[str, str]]] = {}
 
 
+def agreement(model: nn.Module, got: mx.array, ref: mx.array) -> tuple[float, float]:
+    """(max |got - ref|, the bound it must stay under): a float32 (1e-4) or bfloat16 (3e-2)
+    relative bound by the model's parameter dtype, relative to ref's largest value."""
+    ref = ref.astype(mx.float32)
+    tol = 1e-4 if _param_dtype(model) == mx.float32 else 3e-2
+    return (mx.abs(got.astype(mx.float32) - ref).max().item(),
+            tol * (1.0 + mx.abs(ref).max().item()))
+
+
 def _probe(model: nn.Module, samples: list[np.ndarray]) -> tuple[str, str]:
     x = mx.array(probe_batch(samples))
     ref = model(x).astype(mx.float32)
-    tol = 1e-4 if _param_dtype(model) == mx.float32 else 3e-2
-    bound = tol * (1.0 + mx.abs(ref).max().item())
     paths, notes = available_paths(model)
     for path in paths:
         if path == "full":
@@ -351,7 +358,7 @@ def _probe(model: nn.Module, samples: list[np.ndarray]) -> tuple[str, str]:
         if logits.shape != ref.shape:
             notes.append(f"{path}: logits of shape {logits.shape}, the model's {ref.shape}")
             continue
-        diff = mx.abs(logits - ref).max().item()
+        diff, bound = agreement(model, logits, ref)
         if diff <= bound:
             return path, "; ".join(notes + [f"{path}: matches the model's logits on a padded "
                                             f"probe of 2 x {x.shape[1]} tokens (max difference "
