@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,15 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/adapters.py: LoRA adapters with random lora_b
 
+from machine_info import machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 import toss_mlx  # noqa: E402, F401  (the BLAS preload, before mlx)
-
-
-def machine() -> str:
-    import mlx.core as mx
-
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-            f"mlx {mx.__version__} ({mx.default_device()}), "
-            f"BLAS {toss_mlx.blas.status[0] or 'default'}")
 
 
 def main(argv: list[str] | None = None) -> int:

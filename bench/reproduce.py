@@ -603,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "eval": str(out / "eval.json"),
         "machine": machine(),
+        "code": steps.code,  # code_fingerprint of the code that made this seed (pooled files list them)
         "model": model,
         "condition": args.condition,
         "align": align,
@@ -936,6 +937,10 @@ def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
         random_seeds = [a["masks"]["random"]["mask_seed"] for a in audits]
         combined["random_mask_seeds"] = {"seeds": random_seeds,
                                          "differ_per_seed": len(set(random_seeds)) == len(random_seeds)}
+    # Seeds of one setting pool even when made by other code (a later session's fix of a comment
+    # changes the fingerprint too), but the pooled file says so: None = a seed from before it was recorded.
+    code = {str(r["seed"]): r.get("code") for r in results}
+    combined["code"] = {"per_seed": code, "versions": len(set(code.values()))}
     combined["per_seed"] = {str(r["seed"]): r for r in results}
     return combined
 
@@ -1041,7 +1046,7 @@ def results_tables(combined: dict[str, Any]) -> str:
             f"{'' if condition == 'main' else ' (reported apart, never pooled with main)'}; base: "
             f"{'aligned by the toolkit' if aligned else 'the model itself (natively aligned)'}.\n"
             f"Seeds: {', '.join(map(str, seeds))}; machine: {combined['machine']}; "
-            f"{combined['total_seconds'] / 60:.0f} min of steps in all.\n\n"
+            f"{combined['total_seconds'] / 60:.0f} min of steps in all.{code_note(combined)}\n\n"
             + markdown_table(rows, seeds))
     deep = deep_table(rows)
     if deep:
@@ -1059,6 +1064,18 @@ def results_tables(combined: dict[str, Any]) -> str:
                  f"{', '.join(map(str, stress['seeds']))}; {stress['total_seconds'] / 60:.0f} min):\n\n"
                  + markdown_table(list(stress["methods"].items()), stress["seeds"]))
     return text
+
+
+def code_note(combined: dict[str, Any]) -> str:
+    """One sentence when the pooled seeds were made by more than one version of the code."""
+    code = combined.get("code")
+    if not code or code["versions"] < 2:
+        return ""
+    groups: dict[str, list[str]] = {}
+    for seed, fingerprint in code["per_seed"].items():
+        groups.setdefault(fingerprint[:8] if fingerprint else "unrecorded", []).append(seed)
+    return (f" Seeds made by {code['versions']} versions of the code: "
+            + "; ".join(f"{k} (seed {', '.join(v)})" for k, v in groups.items()) + ".")
 
 
 def table_markers(tag: str) -> tuple[str, str]:

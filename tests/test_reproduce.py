@@ -86,6 +86,17 @@ def test_results_table_shows_each_seed(reproduce, tmp_path):
     assert math.isclose(combined["original_model"]["task_nll"], 1.5)
     table = reproduce.results_tables(combined)
     assert "| standard_sft | 75.0 [53, 89] (60.0, 90.0) |" in table
+    # no seed recorded its code: one version (unknown), no note
+    assert combined["code"] == {"per_seed": {"0": None, "1": None}, "versions": 1}
+    assert "versions of the code" not in table
+    # seeds made by different code pool, and the table says which seeds came from which
+    results[0]["code"], results[1]["code"] = "a" * 64, "b" * 64
+    results.append(dict(results[0], seed=2, setting={"seed": 2, "finetune_epochs": 1}))
+    del results[2]["code"]
+    combined = reproduce.combine_seeds(results)
+    assert combined["code"]["versions"] == 3
+    assert ("Seeds made by 3 versions of the code: aaaaaaaa (seed 0); bbbbbbbb (seed 1); unrecorded (seed 2)."
+            in reproduce.results_tables(combined))
 
 
 def test_a_seed_whose_eval_files_are_lost_pools_from_its_own_figures(reproduce, tmp_path):
@@ -431,6 +442,7 @@ def test_quick_run_on_the_tiny_model_with_alignment(reproduce, tiny_model_dir, t
                            "--results", str(results)]) == 0
     result = json.loads((tmp_path / "runs" / f"{name}-main" / "quick" / "result.json").read_text())
     assert result["align"] is True and result["condition"] == "main" and "align" in result["seconds"]
+    assert result["code"] == reproduce.code_fingerprint()  # the code that made the seed
     assert set(result["methods"]) == {"aligned_base", "standard_sft", "first5"}
     assert len(result["toss_pro_rounds"]) == 1 and "prefill_recovery" in result["original_model"]
     assert "prefill_recovery" in result["aligned_adapter_on_original"]
