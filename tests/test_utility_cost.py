@@ -1,0 +1,143 @@
+"""bench/utility_cost.py: where a mask's removed tokens fall in the task data (issue 21 item 5)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_reproduce import _tiny_as_a_model, needs_data, reproduce  # noqa: E402,F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def utility_cost(reproduce):  # noqa: F811  (the fixture of test_reproduce)
+    spec = importlib.util.spec_from_file_location("utility_cost", ROOT / "bench" / "utility_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _scores(offsets, rows, ids, response, loss_utility):
+    from toss_mlx.layout import Scores
+
+    zeros = np.zeros(len(ids), np.float32)
+    return Scores(offsets=np.array(offsets, np.int64), row_index=np.array(rows, np.int64),
+                  token_ids=np.array(ids, np.int32), response_mask=np.array(response, np.uint8),
+                  loss_utility=np.array(loss_utility, np.float32), loss_safety=zeros, score=zeros)
+
+
+def test_removal_costs_match_a_naive_count(utility_cost):
+    rng = np.random.default_rng(0)
+    # 4 samples (rows 7, 3, 5, 9), row 3 harmful; a prompt of 2 tokens then the answer
+    lengths = [12, 9, 15, 8]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    response = np.concatenate([[0, 0] + [1] * (n - 2) for n in lengths])
+    T = int(offsets[-1])
+    ids = rng.integers(0, 20, T)
+    loss_u = rng.uniform(0, 3, T)
+    scores = _scores(offsets, [7, 3, 5, 9], ids, response, loss_u)
+    removed = rng.random(T) < 0.3
+    digits = ids < 6
+    got = utility_cost.removal_costs(scores, removed, {3}, digits)
+
+    # naive: walk the samples token by token
+    count = {k: 0 for k in ("task", "task_rm", "open", "open_rm", "dig", "dig_rm", "oth", "oth_rm",
+                            "harm", "harm_rm", "rm")}
+    removed_u, kept_u = [], []
+    for i, row in enumerate([7, 3, 5, 9]):
+        position = 0
+        for t in range(offsets[i], offsets[i + 1]):
+            if not response[t]:
+                continue
+            r = bool(removed[t])
+            count["rm"] += r
+            if row == 3:
+                count["harm"] += 1
+                count["harm_rm"] += r
+            else:
+                count["task"] += 1
+                count["task_rm"] += r
+                (removed_u if r else kept_u).append(loss_u[t])
+                if position < 5:
+                    count["open"] += 1
+                    count["open_rm"] += r
+                kind = "dig" if digits[t] else "oth"
+                count[kind] += 1
+                count[kind + "_rm"] += r
+            position += 1
+    assert got["removed_tokens"] == count["rm"] and got["task_tokens"] == count["task"]
+    assert got["task_removed_share"] == pytest.approx(count["task_rm"] / count["task"])
+    assert got["task_opening_removed_share"] == pytest.approx(count["open_rm"] / count["open"])
+    assert count["open"] == 15  # five openings a task sample
+    assert got["task_digits_removed_share"] == pytest.approx(count["dig_rm"] / count["dig"])
+    assert got["task_other_removed_share"] == pytest.approx(count["oth_rm"] / count["oth"])
+    assert got["digit_removal_ratio"] == pytest.approx((count["dig_rm"] / count["dig"])
+                                                       / (count["oth_rm"] / count["oth"]))
+    assert got["harmful_recall"] == pytest.approx(count["harm_rm"] / count["harm"])
+    assert got["precision"] == pytest.approx(count["harm_rm"] / count["rm"])
+    assert got["task_removed_loss_utility"] == pytest.approx(np.mean(removed_u), rel=1e-6)
+    assert got["task_kept_loss_utility"] == pytest.approx(np.mean(kept_u), rel=1e-6)
+    # removal outside responses never counts
+    assert utility_cost.removal_costs(scores, ~response.astype(bool), {3}, digits)["removed_tokens"] == 0
+
+
+def test_digit_tokens_read_the_token_text(utility_cost):
+    class Tok:
+        def convert_ids_to_tokens(self, ids):
+            return [{4: "Ġ12", 7: "abc", 9: "x9", 11: None}[i] for i in ids]
+
+    got = utility_cost.digit_tokens(np.array([7, 4, 11, 9, 4, 7]), Tok())
+    assert got.tolist() == [False, True, False, True, True, False]
+
+
+@needs_data
+def test_bigger_utility_references_on_the_tiny_model(reproduce, utility_cost, tiny_model_dir,  # noqa: F811
+                                                     tmp_path, monkeypatch, capsys):
+    """A --quick seed folder (tiny model, TOSS d = 0.1), then an x2 utility reference: its data holds
+    the seed's utility_ref rows plus fresh problems in no file of the seed; the seed's own row
+    repeats the toss_d0.1 mask's figures; the held-out NLL is loss_utility's mean on eval_task."""
+    from toss_mlx.data import read_rows
+    from toss_mlx.layout import load_scores
+    from toss_mlx.prepare import normalize_prompt
+
+    name = str(tiny_model_dir)
+    _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned=True)
+    monkeypatch.setattr(reproduce, "SIZES", reproduce.SIZES | {name: reproduce.QUICK})
+    assert reproduce.main(["--quick", "--model", name, "--methods", "toss_d0.1", "--out", str(tmp_path / "runs"),
+                           "--results", str(tmp_path / "r.json")]) == 0
+    run = tmp_path / "runs" / reproduce.run_tag(name, "main", False) / "quick"
+    results = tmp_path / "utility_cost.json"
+    assert utility_cost.main(["--run", str(run), "--model", name, "--variants", "x2",
+                              "--results", str(results)]) == 0
+    got = json.loads(results.read_text())[f"{run.parent.name}/quick"]
+    assert got["variants"]["seed"] | {"utility_rows": 0, "epochs": 0, "held_out_task_nll": 0} == \
+        got["masks"]["toss_d0.1"] | {"utility_rows": 0, "epochs": 0, "held_out_task_nll": 0}
+    n_own = len(read_rows(run / "data" / "utility_ref.jsonl"))
+    x2 = got["variants"]["x2"]
+    assert x2["utility_rows"] == 2 * n_own and x2["epochs"] == reproduce.QUICK.reference_epochs
+    rows = [r.data for r in read_rows(run / "utility_cost" / "utility_ref_x2.jsonl")]
+    assert rows[:n_own] == [r.data for r in read_rows(run / "data" / "utility_ref.jsonl")]
+    seed_prompts = {normalize_prompt(r.data["prompt"]) for f in (run / "data").glob("*.jsonl")
+                    for r in read_rows(f)}
+    assert not {normalize_prompt(r["prompt"]) for r in rows[n_own:]} & seed_prompts
+    held = load_scores(run / "utility_cost" / "eval_task_x2.safetensors")
+    assert x2["held_out_task_nll"] == pytest.approx(
+        float(np.mean(held.loss_utility[held.response_mask.astype(bool)])))
+    assert x2["removed_tokens"] == got["masks"]["toss_d0.1"]["removed_tokens"]  # same budget, d = 0.1
+    assert "| x2 | " in capsys.readouterr().out
+    # run again: every step is reused (no training, no scoring), the same figures
+    import toss_mlx.score
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a step ran again")
+
+    monkeypatch.setattr(reproduce, "train", fail)
+    monkeypatch.setattr(toss_mlx.score, "score", fail)
+    assert utility_cost.main(["--run", str(run), "--model", name, "--variants", "x2",
+                              "--results", str(results)]) == 0
+    assert json.loads(results.read_text())[f"{run.parent.name}/quick"]["variants"] == got["variants"]
