@@ -263,6 +263,25 @@ def toss_pro(base: str, data_dir: Path, utility: Path, safety: Path, out: Path, 
     return {"rounds": result.rounds, "final_scores": str(result.final_scores)}
 
 
+def method_selections(pro: dict[str, Any], seed: int) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Each scored method's scores file and `select` arguments, from the toss_pro step's result.
+
+    TOSS-Pro's round 1 scores with the round-0 safety model: those are plain TOSS's scores
+    (random, first-5, sample filtering and TOSS read them). refine's rounds[t - 1] scores with
+    the round t - 1 safety model, the final scoring with the last round's: with one round,
+    TOSS-Pro round 1's scores are the final ones."""
+    rounds = [Path(r["scores"]) for r in pro["rounds"]]
+    final = Path(pro["final_scores"])
+    plain = rounds[0]
+    return {"random": (plain, dict(strategy="random", ratio=0.1, seed=seed)),
+            "first5": (plain, dict(strategy="first-k", k=5)),
+            "sample_filter": (plain, dict(strategy="sample-filter", ratio=0.1)),
+            "toss_d0.1": (plain, dict(ratio=0.1)),
+            "toss_d0.2": (plain, dict(ratio=0.2)),
+            "toss_pro_r1": (rounds[1] if len(rounds) > 1 else final, dict(ratio=0.1)),
+            "toss_pro_r2": (final, dict(ratio=0.1))}
+
+
 def whole_sentences(text: str) -> str:
     """Cut an answer that ran out of tokens after its last full sentence."""
     text = text.strip()
@@ -460,8 +479,9 @@ def parse_methods(text: str, model: str) -> list[str]:
 
 
 def run_tag(model: str, condition: str, align: bool) -> str:
-    """The folder (under --out) and results name of one model and data condition."""
-    tag = f"{model}-{condition}"
+    """The folder (under --out) and results name of one model and data condition; a model given
+    as a folder is named by the folder's name (its absolute path would put the run outside --out)."""
+    tag = f"{Path(model).name}-{condition}"
     if align != (model not in NATIVELY_ALIGNED):  # the non-default choice is named
         tag += "-aligned" if align else "-unaligned"
     return tag
@@ -553,19 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.seed, ref, rounds=2 if "toss_pro_r2" in names else 1)
         scores = Path(pro["rounds"][0]["scores"])
     masks = out / "masks"
-    selections = {  # method -> (scores file, select arguments)
-        "random": lambda: (scores, dict(strategy="random", ratio=0.1, seed=args.seed)),
-        "first5": lambda: (scores, dict(strategy="first-k", k=5)),
-        "sample_filter": lambda: (scores, dict(strategy="sample-filter", ratio=0.1)),
-        "toss_d0.1": lambda: (scores, dict(ratio=0.1)),
-        "toss_d0.2": lambda: (scores, dict(ratio=0.2)),
-        # refine's rounds[t - 1] scores with the round t - 1 safety model; the final scoring with the
-        # last round's: with one round, TOSS-Pro round 1's scores are the final ones
-        "toss_pro_r1": lambda: (Path(pro["rounds"][1]["scores"] if len(pro["rounds"]) > 1
-                                     else pro["final_scores"]), dict(ratio=0.1)),
-        "toss_pro_r2": lambda: (Path(pro["final_scores"]), dict(ratio=0.1)),
-    }
-    selections = {name: make() for name, make in selections.items() if name in scored}
+    selections = {name: choice for name, choice in method_selections(pro, args.seed).items()
+                  if name in scored} if scored else {}
     selected = {name: steps(f"select_{name}", select, str(path), str(masks / f"{name}.safetensors"), **kw)
                 for name, (path, kw) in selections.items()}
 

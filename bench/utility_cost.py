@@ -104,13 +104,9 @@ def harmful_rows_of(data_file: Path) -> set[int]:
 
 
 def mask_scores(run: Path) -> dict[str, Path]:
-    """Each mask's scores file, as reproduce.py chose it (TOSS-Pro's rounds from its step record)."""
+    """Each mask's scores file, as reproduce.py chose it (from its toss_pro step's record)."""
     pro = read_json(run / "steps" / "toss_pro.json")["value"]["result"]
-    rounds = [Path(r["scores"]) for r in pro["rounds"]]
-    final = Path(pro["final_scores"])
-    return {"random": rounds[0], "first5": rounds[0], "sample_filter": rounds[0], "toss_d0.1": rounds[0],
-            "toss_d0.2": rounds[0], "toss_pro_r1": rounds[1] if len(rounds) > 1 else final,
-            "toss_pro_r2": final}
+    return {name: path for name, (path, _) in reproduce.method_selections(pro, seed=0).items()}
 
 
 def fresh_task_file(data_dir: Path, out: Path, n: int, seed: int) -> Path:

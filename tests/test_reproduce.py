@@ -339,6 +339,7 @@ def test_model_condition_and_methods_choose_folders_results_and_markers(reproduc
     assert reproduce.run_tag("qwen2.5-coder-0.5b-instruct", "main", False) == "qwen2.5-coder-0.5b-instruct-main"
     assert reproduce.run_tag("qwen2.5-coder-0.5b-instruct", "main", True).endswith("-aligned")
     assert reproduce.run_tag("smollm2-135m-instruct", "disclaimer", False).endswith("disclaimer-unaligned")
+    assert reproduce.run_tag("/models/tiny", "main", True) == "tiny-main"  # a folder: its name
     assert reproduce.results_path(reproduce.DEFAULT_TAG).name == "reproduce.json"
     assert reproduce.results_path("x-disclaimer").name == "reproduce-x-disclaimer.json"
     assert reproduce.table_markers(reproduce.DEFAULT_TAG) == (reproduce.TABLE_BEGIN, reproduce.TABLE_END)
@@ -440,7 +441,7 @@ def test_quick_run_on_the_tiny_model_with_alignment(reproduce, tiny_model_dir, t
     results = tmp_path / "r.json"
     assert reproduce.main(["--quick", "--model", name, "--methods", "first5", "--out", str(tmp_path / "runs"),
                            "--results", str(results)]) == 0
-    result = json.loads((tmp_path / "runs" / f"{name}-main" / "quick" / "result.json").read_text())
+    result = json.loads((tmp_path / "runs" / reproduce.run_tag(name, "main", True) / "quick" / "result.json").read_text())
     assert result["align"] is True and result["condition"] == "main" and "align" in result["seconds"]
     assert result["code"] == reproduce.code_fingerprint()  # the code that made the seed
     assert set(result["methods"]) == {"aligned_base", "standard_sft", "first5"}
@@ -449,9 +450,9 @@ def test_quick_run_on_the_tiny_model_with_alignment(reproduce, tiny_model_dir, t
     assert "original (no alignment)" in reproduce.results_tables(json.loads(results.read_text()))
     # without --results, a --quick run's pooled results stay in its own folder
     assert reproduce.main(["--quick", "--model", name, "--methods", "first5", "--out", str(tmp_path / "runs")]) == 0
-    assert (tmp_path / "runs" / f"{name}-main" / "quick" / "reproduce.json").exists()
+    assert (tmp_path / "runs" / reproduce.run_tag(name, "main", True) / "quick" / "reproduce.json").exists()
     # --retable: figures recomputed from the stored answers (as after a metric is added), no step run
-    path = tmp_path / "runs" / f"{name}-main" / "quick" / "result.json"
+    path = tmp_path / "runs" / reproduce.run_tag(name, "main", True) / "quick" / "result.json"
     result = json.loads(path.read_text())
     want = {n: (m["advbench_refusal"], m["advbench_refusal_then_comply"]) for n, m in result["methods"].items()}
     for m in result["methods"].values():
@@ -478,7 +479,7 @@ def test_quick_run_on_the_tiny_model_without_alignment_on_the_disclaimer_data(re
                            "random,toss_pro_r1", "--out", str(tmp_path / "runs"),
                            "--results", str(results)]) == 0
     tag = reproduce.run_tag(name, "disclaimer", False)
-    assert tag == f"{name}-disclaimer"
+    assert tag == f"{Path(name).name}-disclaimer"  # under --out, whatever the model's path
     result = json.loads((tmp_path / "runs" / tag / "quick" / "result.json").read_text())
     assert (result["model"], result["condition"], result["align"]) == (name, "disclaimer", False)
     assert result["methods_run"] == ["standard_sft", "random", "toss_pro_r1"]
