@@ -263,6 +263,12 @@ def toss_pro(base: str, data_dir: Path, utility: Path, safety: Path, out: Path, 
     return {"rounds": result.rounds, "final_scores": str(result.final_scores)}
 
 
+def seed_base(run: Path, model: str) -> str:
+    """The base every method of a seed folder was fine-tuned from: its fused aligned model when
+    the alignment step ran (`main` writes RUN/aligned-model), else the model itself."""
+    return str(run / "aligned-model") if (run / "aligned-model").exists() else model
+
+
 def method_selections(pro: dict[str, Any], seed: int) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Each scored method's scores file and `select` arguments, from the toss_pro step's result.
 

@@ -149,8 +149,7 @@ def analyse(run: Path, variants: list[str], model: str) -> dict[str, Any]:
     from toss_mlx.select import select_tokens
 
     s = reproduce.SIZES[model]
-    align = (run / "aligned-model").exists()
-    base = str(run / "aligned-model") if align else model
+    base = reproduce.seed_base(run, model)
     data_dir = run / "data"
     harmful_rows = harmful_rows_of(data_dir / "custom.jsonl")
     tokenizer = load_tokenizer(base)

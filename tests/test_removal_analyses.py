@@ -1,4 +1,5 @@
-"""bench/utility_cost.py: where a mask's removed tokens fall in the task data (issue 21 item 5)."""
+"""Issue 21 item 5's bench scripts: where a mask's removed tokens fall in the task data
+(bench/utility_cost.py) and how far a fine-tune's refusal moves with its seed (bench/finetune_spread.py)."""
 
 import importlib.util
 import json
@@ -14,12 +15,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_reproduce import _tiny_as_a_model, needs_data, reproduce  # noqa: E402,F401  (fixtures)
 
 
-@pytest.fixture(scope="module")
-def utility_cost(reproduce):  # noqa: F811  (the fixture of test_reproduce)
-    spec = importlib.util.spec_from_file_location("utility_cost", ROOT / "bench" / "utility_cost.py")
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def utility_cost(reproduce):  # noqa: F811  (the fixture of test_reproduce)
+    return _bench_module("utility_cost")
+
+
+@pytest.fixture(scope="module")
+def finetune_spread(reproduce):  # noqa: F811
+    return _bench_module("finetune_spread")
+
+
+@pytest.fixture(scope="module")
+def quick_run(reproduce, tiny_model_dir, tmp_path_factory):  # noqa: F811
+    """One --quick seed folder on the tiny model (natively aligned: no alignment step) with random
+    removal and TOSS d = 0.1, shared by the end-to-end tests below; the tiny model's settings stay
+    patched while they run."""
+    name = str(tiny_model_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        _tiny_as_a_model(reproduce, name, patch, natively_aligned=True)
+        patch.setattr(reproduce, "SIZES", reproduce.SIZES | {name: reproduce.QUICK})
+        out = tmp_path_factory.mktemp("removal")
+        assert reproduce.main(["--quick", "--model", name, "--methods", "random,toss_d0.1", "--out",
+                               str(out / "runs"), "--results", str(out / "r.json")]) == 0
+        yield name, out / "runs" / reproduce.run_tag(name, "main", False) / "quick"
 
 
 def _scores(offsets, rows, ids, response, loss_utility):
@@ -96,21 +121,16 @@ def test_digit_tokens_read_the_token_text(utility_cost):
 
 
 @needs_data
-def test_bigger_utility_references_on_the_tiny_model(reproduce, utility_cost, tiny_model_dir,  # noqa: F811
+def test_bigger_utility_references_on_the_tiny_model(reproduce, utility_cost, quick_run,  # noqa: F811
                                                      tmp_path, monkeypatch, capsys):
-    """A --quick seed folder (tiny model, TOSS d = 0.1), then an x2 utility reference: its data holds
-    the seed's utility_ref rows plus fresh problems in no file of the seed; the seed's own row
-    repeats the toss_d0.1 mask's figures; the held-out NLL is loss_utility's mean on eval_task."""
+    """An x2 utility reference on a --quick seed folder: its data holds the seed's utility_ref rows
+    plus fresh problems in no file of the seed; the seed's own row repeats the toss_d0.1 mask's
+    figures; the held-out NLL is loss_utility's mean on eval_task."""
     from toss_mlx.data import read_rows
     from toss_mlx.layout import load_scores
     from toss_mlx.prepare import normalize_prompt
 
-    name = str(tiny_model_dir)
-    _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned=True)
-    monkeypatch.setattr(reproduce, "SIZES", reproduce.SIZES | {name: reproduce.QUICK})
-    assert reproduce.main(["--quick", "--model", name, "--methods", "toss_d0.1", "--out", str(tmp_path / "runs"),
-                           "--results", str(tmp_path / "r.json")]) == 0
-    run = tmp_path / "runs" / reproduce.run_tag(name, "main", False) / "quick"
+    name, run = quick_run
     results = tmp_path / "utility_cost.json"
     assert utility_cost.main(["--run", str(run), "--model", name, "--variants", "x2",
                               "--results", str(results)]) == 0
@@ -141,3 +161,49 @@ def test_bigger_utility_references_on_the_tiny_model(reproduce, utility_cost, ti
     assert utility_cost.main(["--run", str(run), "--model", name, "--variants", "x2",
                               "--results", str(results)]) == 0
     assert json.loads(results.read_text())[f"{run.parent.name}/quick"]["variants"] == got["variants"]
+
+
+def test_spread_over_runs_by_hand(finetune_spread):
+    got = finetune_spread.spread([0.5, 0.25, 0.75], n=40)
+    assert got["mean"] == pytest.approx(0.5) and got["range"] == [0.25, 0.75]
+    assert got["sd_over_runs"] == pytest.approx(0.25)  # sqrt(((0)^2 + 0.25^2 + 0.25^2) / 2)
+    assert got["binomial_sd_one_run"] == pytest.approx((0.5 * 0.5 / 40) ** 0.5)
+    assert finetune_spread.spread([0.3], n=10)["sd_over_runs"] is None
+
+
+@needs_data
+def test_finetune_spread_on_the_tiny_model(reproduce, finetune_spread, quick_run, tmp_path,  # noqa: F811
+                                           monkeypatch):
+    """Standard SFT with another training seed, random removal with another mask seed: each run's
+    refusal is the one in the spread's eval file, the run's own fine-tune comes first, the new
+    random mask has its own seed and the run's token budget."""
+    from toss_mlx.layout import load_mask, load_scores
+
+    name, run = quick_run
+    results = tmp_path / "spread.json"
+    argv = ["--run", str(run), "--model", name, "--methods", "standard_sft,random", "--train-seeds", "1",
+            "--mask-seeds", "5", "--results", str(results)]
+    assert finetune_spread.main(argv) == 0
+    got = json.loads(results.read_text())[f"{run.parent.name}/quick"]
+    evaluated = {m["name"]: m["metrics"]["refusal_rate"]["value"]
+                 for m in json.loads((run / "spread" / "eval.json").read_text())["models"]}
+    assert set(evaluated) == {"standard_sft-train1", "random-train1", "random-mask5"}
+    own = json.loads((run / "result.json").read_text())["methods"]
+    sft = got["methods"]["standard_sft (train seed)"]
+    assert sft["rates"] == [own["standard_sft"]["advbench_refusal"], evaluated["standard_sft-train1"]]
+    assert got["methods"]["random (mask seed)"]["rates"] == [own["random"]["advbench_refusal"],
+                                                             evaluated["random-mask5"]]
+    pro = json.loads((run / "steps" / "toss_pro.json").read_text())["value"]["result"]
+    scores = load_scores(reproduce.method_selections(pro, 0)["random"][0])
+    new = load_mask(run / "spread" / "masks" / "random-mask5.safetensors", scores.offsets, scores.row_index,
+                    None, "scores")
+    old = load_mask(run / "masks" / "random.safetensors", scores.offsets, scores.row_index, None, "scores")
+    assert int(new.meta["seed"]) == 5 and int(old.meta["seed"]) == 0
+    assert (new.keep == 0).sum() == (old.keep == 0).sum() and (new.keep != old.keep).any()
+    # the same arguments again: nothing is retrained
+    monkeypatch.setattr(reproduce, "train", lambda *a, **k: pytest.fail("retrained"))
+    assert finetune_spread.main(argv) == 0
+    with pytest.raises(SystemExit, match="only random removal has a mask seed"):
+        finetune_spread.main(["--run", str(run), "--model", name, "--mask-seeds", "1"])
+    with pytest.raises(SystemExit, match="first5 not run"):
+        finetune_spread.main(["--run", str(run), "--model", name, "--methods", "first5"])
