@@ -207,3 +207,18 @@ def test_finetune_spread_on_the_tiny_model(reproduce, finetune_spread, quick_run
         finetune_spread.main(["--run", str(run), "--model", name, "--mask-seeds", "1"])
     with pytest.raises(SystemExit, match="first5 not run"):
         finetune_spread.main(["--run", str(run), "--model", name, "--methods", "first5"])
+
+
+def test_gap_pairs_by_hand():
+    gap_pairs = _bench_module("gap_pairs")
+    method = {"deep_samples": {"depth": [
+        {"tokens": {"1-5": 5, "6-20": 15, "21-80": 10, "81+": 0}, "gap": {"1-5": -9.0, "6-20": 0.2, "21-80": 0.5, "81+": None}},
+        {"tokens": {"1-5": 5, "6-20": 4, "21-80": 0, "81+": 0}, "gap": {"1-5": 1.0, "6-20": -0.5, "21-80": None, "81+": None}}]}}
+    sums = gap_pairs.gap_sums(method)
+    assert sums.tolist() == [[0.2 * 15 + 0.5 * 10, 25], [-0.5 * 4, 4]]  # the opening never counts
+    other = {"deep_samples": {"depth": [dict(p, gap={k: (v if v is None else v - 0.1) for k, v in p["gap"].items()})
+                                        for p in method["deep_samples"]["depth"]]}}
+    est, ci = gap_pairs.paired_difference(sums, gap_pairs.gap_sums(other))
+    assert est == pytest.approx(0.1) and ci == pytest.approx([0.1, 0.1])  # every pair differs by 0.1
+    with pytest.raises(SystemExit, match="different tokens"):
+        gap_pairs.paired_difference(sums, sums[::-1])
