@@ -36,7 +36,7 @@ import reproduce  # noqa: E402  (bench/reproduce.py: its settings, training and 
 from machine_info import machine  # noqa: E402
 
 from toss_mlx.evaluate import EvalSettings, evaluate  # noqa: E402
-from toss_mlx.io import read_json, write_json  # noqa: E402
+from toss_mlx.io import read_json  # noqa: E402
 from toss_mlx.select import select  # noqa: E402
 
 MASKED = ("random", "first5", "sample_filter", "toss_d0.1", "toss_d0.2", "toss_pro_r1", "toss_pro_r2")
@@ -64,7 +64,7 @@ def measure(run: Path, model: str, methods: list[str], train_seeds: list[int], m
     data_dir, work = run / "data", run / "spread"
     result = read_json(run / "result.json")
     run_seed = result["seed"]
-    steps = reproduce.Steps(work)
+    steps = reproduce.Steps(work, upstream=run)
     data = {m: data_dir / ("custom_safe_mix.jsonl" if m == "safe_mix" else "custom.jsonl") for m in methods}
     trained: dict[str, tuple[str, str, int]] = {}  # adapter name -> (method, kind of seed, seed)
     for method in methods:
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-seeds", type=seeds, default=[], help="random's mask seeds (random only)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "finetune_spread.json")
     args = ap.parse_args(argv)
-    model = args.model or next((m for m in reproduce.MODELS if args.run.parent.name.startswith(m)), None)
-    if model is None:
-        raise SystemExit(f"--run {args.run}: say --model (the folder's name names none of {reproduce.MODELS})")
+    model = reproduce.model_of_run(args.run, args.model)
     if not (args.run / "result.json").exists():
         raise SystemExit(f"--run {args.run}: not finished (no result.json)")
     methods = [m for m in args.methods.split(",") if m]
@@ -144,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--mask-seeds: only random removal has a mask seed; add random to --methods")
     result = measure(args.run, model, methods, args.train_seeds, args.mask_seeds)
     print(table(result))
-    stored = read_json(args.results) if args.results.exists() else {}
-    stored[args.run.parent.name + "/" + args.run.name] = result
-    write_json(args.results, stored)
-    print(f"wrote {args.results}")
+    reproduce.store_run_result(args.results, args.run, result)
     return 0
 
 

@@ -192,12 +192,18 @@ class Steps:
     every step after it; a step whose function's arguments are unchanged is skipped.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, upstream: Path | None = None) -> None:
+        """`upstream`: a seed folder whose outputs these steps read (bench/utility_cost.py,
+        bench/finetune_spread.py): the chain starts from the keys of its steps, so a seed
+        redone by other code or settings redoes the analyses made from it."""
         self.code = code_fingerprint()  # read once: the code this process runs
         self.store = KeyedStore(out / "steps")
         self.store.dir.mkdir(parents=True, exist_ok=True)
         self.seconds: dict[str, float] = {}
         self.previous = ""  # the key of the last step called
+        if upstream is not None:
+            done = KeyedStore(upstream / "steps")
+            self.previous = cache_key({p.stem: done.key_of(p.stem) for p in sorted(done.dir.glob("*.json"))})
 
     def key(self, name: str, fn, args: tuple, kwargs: dict) -> str:
         def by_name(value: Any) -> Any:
@@ -261,6 +267,22 @@ def toss_pro(base: str, data_dir: Path, utility: Path, safety: Path, out: Path, 
                                    utility=str(utility), out=str(out), train=train, rounds=rounds, k=s.pro_k,
                                    safety=str(safety), quiet=True))
     return {"rounds": result.rounds, "final_scores": str(result.final_scores)}
+
+
+def model_of_run(run: Path, model: str | None) -> str:
+    """The model of a seed folder: `model`, else the one its folder's name starts with."""
+    found = model or next((m for m in MODELS if run.parent.name.startswith(m)), None)
+    if found is None:
+        raise SystemExit(f"--run {run}: say --model (the folder's name names none of {', '.join(MODELS)})")
+    return found
+
+
+def store_run_result(results: Path, run: Path, result: dict[str, Any]) -> None:
+    """Put one seed folder's analysis into a results file keyed by MODEL-CONDITION/seedN."""
+    stored = read_json(results) if results.exists() else {}
+    stored[f"{run.parent.name}/{run.name}"] = result
+    write_json(results, stored)
+    print(f"wrote {results}")
 
 
 def seed_base(run: Path, model: str) -> str:

@@ -45,7 +45,7 @@ import reproduce  # noqa: E402  (bench/reproduce.py: its settings, training and 
 from machine_info import machine  # noqa: E402
 
 from toss_mlx.data import read_rows  # noqa: E402
-from toss_mlx.io import TossError, read_json, write_json  # noqa: E402
+from toss_mlx.io import TossError, read_json  # noqa: E402
 from toss_mlx.layout import Scores, answer_positions, load_mask, load_scores  # noqa: E402
 
 VARIANTS = {"x2": (2, 1), "x4": (4, 1), "e4": (1, 2)}  # name -> (task data multiple, epochs multiple)
@@ -164,7 +164,7 @@ def analyse(run: Path, variants: list[str], model: str) -> dict[str, Any]:
             scores = load_scores(scores_path)
             mask = load_mask(path, scores.offsets, scores.row_index, None, str(scores_path))
             out["masks"][name] = costs(scores, ~mask.keep)
-    steps = reproduce.Steps(run / "utility_cost")
+    steps = reproduce.Steps(run / "utility_cost", upstream=run)
     work = run / "utility_cost"
     ref = dict(epochs=s.reference_epochs, lr=s.reference_lr)
     seed = int(run.name.removeprefix("seed")) if run.name.startswith("seed") else 0
@@ -226,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="", help=f"utility references to train: {', '.join(VARIANTS)}")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "utility_cost.json")
     args = ap.parse_args(argv)
-    model = args.model or next((m for m in reproduce.MODELS if args.run.parent.name.startswith(m)), None)
-    if model is None:
-        raise SystemExit(f"--run {args.run}: say --model (the folder's name names none of {reproduce.MODELS})")
+    model = reproduce.model_of_run(args.run, args.model)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -237,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--run {args.run}: not scored yet (no steps/toss_pro.json)")
     result = analyse(args.run, variants, model)
     print(table(result))
-    stored = read_json(args.results) if args.results.exists() else {}
-    stored[args.run.parent.name + "/" + args.run.name] = result
-    write_json(args.results, stored)
-    print(f"wrote {args.results}")
+    reproduce.store_run_result(args.results, args.run, result)
     return 0
 
 

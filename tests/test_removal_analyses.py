@@ -161,6 +161,15 @@ def test_bigger_utility_references_on_the_tiny_model(reproduce, utility_cost, qu
     assert utility_cost.main(["--run", str(run), "--model", name, "--variants", "x2",
                               "--results", str(results)]) == 0
     assert json.loads(results.read_text())[f"{run.parent.name}/quick"]["variants"] == got["variants"]
+    # the seed redone by other code or settings (another key on one of its steps): the analysis is redone
+    record = run / "steps" / "toss_pro.json"
+    kept = record.read_text()
+    record.write_text(json.dumps(json.loads(kept) | {"key": "another"}))
+    try:
+        with pytest.raises(AssertionError, match="a step ran again"):
+            utility_cost.main(["--run", str(run), "--model", name, "--variants", "x2", "--results", str(results)])
+    finally:
+        record.write_text(kept)
 
 
 def test_spread_over_runs_by_hand(finetune_spread):
