@@ -463,6 +463,56 @@ def deep_summary(samples: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+PAST_OPENING = ("6-20", "21-80", "81+")  # the "6+" bucket: a harmful answer past its first 5 tokens
+CONTRASTED = ("toss_d0.1", "toss_pro_r2")  # the token-level methods, each against every other method
+CONTRAST_DRAWS = 5000
+
+
+def gap_sums(depth: list[dict[str, Any]], buckets: tuple[str, ...] = PAST_OPENING) -> np.ndarray:
+    """[pairs, 2]: each held-out pair's summed NLL gap to the base and its token count over `buckets`."""
+    return np.array([(sum(d["gap"][b] * d["tokens"][b] for b in buckets if d["gap"][b] is not None),
+                      sum(d["tokens"][b] for b in buckets if d["gap"][b] is not None))
+                     for d in depth], np.float64).reshape(-1, 2)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, draws: int = CONTRAST_DRAWS, seed: int = 0
+                      ) -> dict[str, Any]:
+    """Token-weighted gap of `a` minus `b` (`gap_sums` of two methods) over the same pairs.
+
+    The pairs are the same for every method of a run (and concatenated in seed order when
+    pooled), so the difference is paired: the interval resamples pairs (bootstrap, 95%).
+    """
+    if a.shape != b.shape or not np.array_equal(a[:, 1], b[:, 1]):
+        raise TossError("the two methods' harmful-answer NLLs were measured on different tokens")
+    diff, tokens = a[:, 0] - b[:, 0], a[:, 1]
+    if not tokens.sum():
+        return {"diff": None, "ci95": None, "pairs": len(diff), "tokens": 0}
+    picks = np.random.default_rng(seed).integers(0, len(diff), (draws, len(diff)))
+    boot = diff[picks].sum(1) / np.maximum(tokens[picks].sum(1), 1)
+    return {"diff": float(diff.sum() / tokens.sum()),
+            "ci95": [float(x) for x in np.percentile(boot, [2.5, 97.5])],
+            "pairs": len(diff), "tokens": int(tokens.sum())}
+
+
+def gap_contrasts(merged: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """TOSS (and TOSS-Pro) minus each other method: harmful-answer NLL gap past token 5, paired.
+
+    `merged`: method -> its `merge_deep` samples over the seeds. A positive difference = the
+    token-level method left the held-out harmful answers less likely past their opening than the
+    other did: less harmful content learned beyond the first tokens.
+    """
+    out: dict[str, Any] = {}
+    for x in CONTRASTED:
+        if not (merged.get(x) and merged[x]["depth"]):
+            continue
+        for y, other in merged.items():
+            # the base is no method; TOSS-Pro - TOSS is asked once, not again reversed
+            if y in (x, "aligned_base") or y in CONTRASTED[:CONTRASTED.index(x)] or not (other and other["depth"]):
+                continue
+            out[f"{x} - {y}"] = paired_difference(gap_sums(merged[x]["depth"]), gap_sums(other["depth"]))
+    return out
+
+
 def eval_settings(model: str, data_dir: Path, s: Setting, adapters: dict[str, str],
                   include_base: bool = True) -> list[EvalSettings]:
     """Safety and over-refusal with short answers; the task with room for a worked answer."""
@@ -925,6 +975,12 @@ def combine_methods(blocks: list[dict[str, Any]], eval_paths: list[str]) -> dict
     return methods
 
 
+def combine_contrasts(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """`gap_contrasts` of one comparison pooled over seeds (`blocks`: each seed's methods)."""
+    names = [n for n in blocks[0] if all(n in b for b in blocks)]
+    return gap_contrasts({n: merge_deep([deep_samples(b[n]) for b in blocks]) for n in names})
+
+
 def check_poolable(results: list[dict[str, Any]]) -> None:
     """Refuse to pool seeds run with different settings (anything but the seed itself)."""
     def setting(r: dict[str, Any]) -> dict[str, Any]:
@@ -958,6 +1014,7 @@ def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
                                                  eval_models(Path(r["eval"]).parent / "eval-alignment.json"),
                                                  "base") for r in results]),
         "methods": combine_methods([r["methods"] for r in results], [r["eval"] for r in results]),
+        "harmful_gap_contrasts": combine_contrasts([r["methods"] for r in results]),
         "total_seconds": sum(r["total_seconds"] for r in results),
     }
     stressed = [r for r in results if "stress" in r]
@@ -1070,6 +1127,16 @@ def deep_table(methods: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(rows)
 
 
+def contrast_table(contrasts: dict[str, Any]) -> str:
+    """One row per contrast of `gap_contrasts`: difference [95% CI], pairs, answer tokens."""
+    rows = ["| contrast | NLL gap difference past token 5 [95% CI] | pairs | tokens |", "|---|---|---|---|"]
+    for name, c in contrasts.items():
+        ci = c["ci95"]
+        cell = "-" if c["diff"] is None else f"{c['diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+        rows.append(f"| {name} | {cell} | {c['pairs']} | {c['tokens']} |")
+    return "\n".join(rows)
+
+
 def results_tables(combined: dict[str, Any]) -> str:
     """The comparison table, the deep-safety one, and the --stress one when there is one."""
     seeds = combined["seeds"]
@@ -1092,6 +1159,12 @@ def results_tables(combined: dict[str, Any]) -> str:
                  "seeds; NLL gap and KL to the base each method was fine-tuned from, nats per answer token; "
                  "a negative gap past the opening = harmful content learned beyond the first tokens):\n\n"
                  + deep)
+        contrasts = combined.get("harmful_gap_contrasts")
+        if contrasts:
+            text += ("\n\nHarmful-answer NLL gap past token 5, token-level method minus another, paired over the "
+                     "same held-out pairs (bootstrap 95% CI; positive = the held-out harmful answers stayed "
+                     "less likely past their opening than under the other method):\n\n"
+                     + contrast_table(contrasts))
         if combined.get("random_mask_seeds"):
             text += f"\n\nRandom-removal mask seeds per seed: {combined['random_mask_seeds']}"
     stress = combined.get("stress")

@@ -218,16 +218,58 @@ def test_finetune_spread_on_the_tiny_model(reproduce, finetune_spread, quick_run
         finetune_spread.main(["--run", str(run), "--model", name, "--methods", "first5"])
 
 
-def test_gap_pairs_by_hand():
-    gap_pairs = _bench_module("gap_pairs")
-    method = {"deep_samples": {"depth": [
+def test_gap_contrasts_by_hand(reproduce):  # noqa: F811
+    depth = [
         {"tokens": {"1-5": 5, "6-20": 15, "21-80": 10, "81+": 0}, "gap": {"1-5": -9.0, "6-20": 0.2, "21-80": 0.5, "81+": None}},
-        {"tokens": {"1-5": 5, "6-20": 4, "21-80": 0, "81+": 0}, "gap": {"1-5": 1.0, "6-20": -0.5, "21-80": None, "81+": None}}]}}
-    sums = gap_pairs.gap_sums(method)
+        {"tokens": {"1-5": 5, "6-20": 4, "21-80": 0, "81+": 0}, "gap": {"1-5": 1.0, "6-20": -0.5, "21-80": None, "81+": None}}]
+    sums = reproduce.gap_sums(depth)
     assert sums.tolist() == [[0.2 * 15 + 0.5 * 10, 25], [-0.5 * 4, 4]]  # the opening never counts
-    other = {"deep_samples": {"depth": [dict(p, gap={k: (v if v is None else v - 0.1) for k, v in p["gap"].items()})
-                                        for p in method["deep_samples"]["depth"]]}}
-    est, ci = gap_pairs.paired_difference(sums, gap_pairs.gap_sums(other))
-    assert est == pytest.approx(0.1) and ci == pytest.approx([0.1, 0.1])  # every pair differs by 0.1
-    with pytest.raises(SystemExit, match="different tokens"):
-        gap_pairs.paired_difference(sums, sums[::-1])
+    shifted = [dict(d, gap={k: (v if v is None else v - 0.1) for k, v in d["gap"].items()}) for d in depth]
+    c = reproduce.paired_difference(sums, reproduce.gap_sums(shifted))
+    assert c["diff"] == pytest.approx(0.1) and c["ci95"] == pytest.approx([0.1, 0.1])  # every pair: 0.1
+    assert (c["pairs"], c["tokens"]) == (2, 29)
+    # pair 0 differs by 1.0 per token, pair 1 by 0: the estimate weights by tokens (25 of 29)
+    raised = [dict(depth[0], gap={k: (v if v is None else v + 1.0) for k, v in depth[0]["gap"].items()}), depth[1]]
+    c = reproduce.paired_difference(reproduce.gap_sums(raised), sums)
+    assert c["diff"] == pytest.approx(25 / 29)
+    assert 0.0 <= c["ci95"][0] <= c["diff"] <= c["ci95"][1] <= 1.0
+    with pytest.raises(reproduce.TossError, match="different tokens"):
+        reproduce.paired_difference(sums, sums[::-1])
+    # TOSS against every other method, seeds concatenated in order; the base is never contrasted
+    merged = {"aligned_base": {"depth": depth}, "standard_sft": {"depth": shifted}, "first5": None,
+              "toss_d0.1": {"depth": depth}}
+    contrasts = reproduce.gap_contrasts(merged)
+    assert list(contrasts) == ["toss_d0.1 - standard_sft"]
+    assert contrasts["toss_d0.1 - standard_sft"]["diff"] == pytest.approx(0.1)
+    blocks = [{name: {"deep_samples": {"other_sets": {}, "prefill": {}, "depth": d}}
+               for name, d in (("standard_sft", shifted), ("toss_d0.1", depth))}] * 2
+    pooled = reproduce.combine_contrasts(blocks)["toss_d0.1 - standard_sft"]
+    assert (pooled["pairs"], pooled["tokens"]) == (4, 58) and pooled["diff"] == pytest.approx(0.1)
+
+
+def test_pooled_results_carry_the_gap_contrasts(reproduce, quick_run):  # noqa: F811
+    name, run = quick_run
+    seed = json.loads((run / "result.json").read_text())
+    pooled = json.loads((run.parents[2] / "r.json").read_text())
+    contrasts = pooled["harmful_gap_contrasts"]
+    assert set(contrasts) == {"toss_d0.1 - standard_sft", "toss_d0.1 - random"}
+
+    def naive(method):  # summed gap and tokens past token 5, pair by pair
+        out = []
+        for d in seed["methods"][method]["deep_samples"]["depth"]:
+            total = tokens = 0.0
+            for bucket, n in d["tokens"].items():
+                if bucket != "1-5" and d["gap"][bucket] is not None:
+                    total += d["gap"][bucket] * n
+                    tokens += n
+            out.append((total, tokens))
+        return out
+
+    for other in ("standard_sft", "random"):
+        a, b = naive("toss_d0.1"), naive(other)
+        tokens = sum(t for _, t in a)
+        c = contrasts[f"toss_d0.1 - {other}"]
+        assert c["pairs"] == len(a) and c["tokens"] == tokens
+        if tokens:
+            assert c["diff"] == pytest.approx(sum(x for x, _ in a) / tokens - sum(x for x, _ in b) / tokens)
+    assert "| toss_d0.1 - random |" in reproduce.results_tables(pooled)
