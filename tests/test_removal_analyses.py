@@ -273,3 +273,37 @@ def test_pooled_results_carry_the_gap_contrasts(reproduce, quick_run):  # noqa: 
         if tokens:
             assert c["diff"] == pytest.approx(sum(x for x, _ in a) / tokens - sum(x for x, _ in b) / tokens)
     assert "| toss_d0.1 - random |" in reproduce.results_tables(pooled)
+
+
+@pytest.fixture(scope="module")
+def attack_strength(reproduce):  # noqa: F811
+    return _bench_module("attack_strength")
+
+
+def test_attack_recipes_parse(attack_strength, reproduce):  # noqa: F811
+    s = reproduce.QWEN
+    assert attack_strength.parse_recipe("", s) == {"epochs": 1, "num_layers": 4, "lr": 5e-5}
+    assert attack_strength.parse_recipe("epochs=3, lr=1e-4", s) == {"epochs": 3, "num_layers": 4, "lr": 1e-4}
+    for bad, said in (("epoch=3", "not KEY=VALUE"), ("lr=", "not KEY=VALUE"), ("epochs=two", "not a number")):
+        with pytest.raises(SystemExit, match=said):
+            attack_strength.parse_recipe(bad, s)
+    assert attack_strength.recipe_name({"epochs": 3, "num_layers": 12, "lr": 5e-5}) == "sft-e3-l12-lr5e-05"
+
+
+@needs_data
+def test_attack_strength_on_the_tiny_model(reproduce, attack_strength, quick_run, tmp_path):  # noqa: F811
+    """The run's own recipe, retrained from the same data step and seed, gives the reproduction's
+    standard SFT back (same refusal, same task NLL); a stronger recipe trains more steps."""
+    name, run = quick_run
+    results = tmp_path / "attack.json"
+    assert attack_strength.main(["--model", name, "--recipe", "epochs=2", "--out", str(tmp_path / "runs"),
+                                 "--results", str(results)]) == 0
+    rows = json.loads(results.read_text())[f"{name}/seed0"]["rows"]
+    own = json.loads((run / "result.json").read_text())["methods"]
+    control = rows[attack_strength.recipe_name(attack_strength.parse_recipe("", reproduce.SIZES[name]))]
+    assert control["advbench_refusal"] == own["standard_sft"]["advbench_refusal"]
+    assert control["task_nll"] == pytest.approx(own["standard_sft"]["task_nll"], rel=1e-5)
+    assert rows["base"]["advbench_refusal"] == own["aligned_base"]["advbench_refusal"]
+    longer = next(r for r in rows.values() if r["recipe"] and r["recipe"]["epochs"] == 2)
+    assert longer["steps"] == 2 * control["steps"]
+    assert set(longer["harmful_nll_gap"]) >= {"1-5", "6+"} and longer["prefill_recovery"] is not None
