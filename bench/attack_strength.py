@@ -11,6 +11,7 @@ task NLL (likelihood of the reference answers, so the attack is still a useful f
 
     python bench/attack_strength.py                                   # the run's recipe, 12 layers, 3 epochs
     python bench/attack_strength.py --recipe epochs=3 --recipe epochs=2,num_layers=12,lr=1e-4
+    python bench/attack_strength.py --recipe num_layers=12 --recipe num_layers=12,train_seed=1
 
 The first recipe is the reproduction's own (`--recipe` with no keys = it), trained with the
 run's training seed: its refusal must equal the reproduction's standard SFT on the same seed
@@ -39,14 +40,18 @@ from toss_mlx.evaluate import EvalSettings, evaluate  # noqa: E402
 from toss_mlx.io import read_json, write_json  # noqa: E402
 from toss_mlx.prepare import build_reproduce  # noqa: E402
 
-RECIPE_KEYS = {"epochs": int, "num_layers": int, "lr": float}
+RECIPE_KEYS = {"epochs": int, "num_layers": int, "lr": float, "train_seed": int}
 DEFAULT_RECIPES = ["", "num_layers=12", "epochs=3"]
 PREFILL_K = 10  # one K of the reproduction's 5, 10, 20: a third of the prefilled generations
 
 
-def parse_recipe(text: str, s: reproduce.Setting) -> dict[str, Any]:
-    """'epochs=3,lr=1e-4' -> the run's recipe with those changed (unknown keys refused)."""
-    recipe: dict[str, Any] = {"epochs": s.finetune_epochs, "num_layers": s.num_layers, "lr": s.finetune_lr}
+def parse_recipe(text: str, s: reproduce.Setting, seed: int = 0) -> dict[str, Any]:
+    """'epochs=3,lr=1e-4' -> the run's recipe with those changed (unknown keys refused).
+
+    `train_seed` (data order, LoRA init) defaults to the run's `seed`: one fine-tune's refusal moves
+    far with it alone (bench/finetune_spread.py), so a recipe is judged over several."""
+    recipe: dict[str, Any] = {"epochs": s.finetune_epochs, "num_layers": s.num_layers, "lr": s.finetune_lr,
+                              "train_seed": seed}
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")
         if key not in RECIPE_KEYS or not value:
@@ -59,8 +64,10 @@ def parse_recipe(text: str, s: reproduce.Setting) -> dict[str, Any]:
     return recipe
 
 
-def recipe_name(recipe: dict[str, Any]) -> str:
-    return f"sft-e{recipe['epochs']}-l{recipe['num_layers']}-lr{recipe['lr']:g}"
+def recipe_name(recipe: dict[str, Any], seed: int = 0) -> str:
+    """sft-e3-l12-lr5e-05, with -train1 when trained with another seed than the run's."""
+    name = f"sft-e{recipe['epochs']}-l{recipe['num_layers']}-lr{recipe['lr']:g}"
+    return name + (f"-train{recipe['train_seed']}" if recipe["train_seed"] != seed else "")
 
 
 def eval_models(base: str, data_dir: Path, s: reproduce.Setting, adapters: dict[str, str],
@@ -95,9 +102,9 @@ def measure(model: str, seed: int, recipes: list[dict[str, Any]], out: Path) -> 
     steps("eval_base", eval_models, model, data_dir, s, {}, True, work / "eval-base.json")
     rows = {"base": figures(read_json(work / "eval-base.json")["models"][0]) | {"recipe": None}}
     for recipe in recipes:
-        name = recipe_name(recipe)
+        name = recipe_name(recipe, seed)
         trained = steps(f"train_{name}", reproduce.train_adapter, model, data_dir / "custom.jsonl", work / name,
-                        s, seed, num_layers=recipe["num_layers"], epochs=recipe["epochs"], lr=recipe["lr"])
+                        s, recipe["train_seed"], num_layers=recipe["num_layers"], epochs=recipe["epochs"], lr=recipe["lr"])
         steps(f"eval_{name}", eval_models, model, data_dir, s, {name: str(work / name)}, False,
               work / f"eval-{name}.json")
         rows[name] = figures(read_json(work / f"eval-{name}.json")["models"][0]) | {
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     s = reproduce.SIZES[args.model]
     recipes: list[dict[str, Any]] = []
     for text in [""] + (args.recipe if args.recipe is not None else DEFAULT_RECIPES[1:]):
-        recipe = parse_recipe(text, s)
+        recipe = parse_recipe(text, s, args.seed)
         if recipe not in recipes:
             recipes.append(recipe)
     result = measure(args.model, args.seed, recipes, args.out)

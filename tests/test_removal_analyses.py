@@ -282,12 +282,15 @@ def attack_strength(reproduce):  # noqa: F811
 
 def test_attack_recipes_parse(attack_strength, reproduce):  # noqa: F811
     s = reproduce.QWEN
-    assert attack_strength.parse_recipe("", s) == {"epochs": 1, "num_layers": 4, "lr": 5e-5}
-    assert attack_strength.parse_recipe("epochs=3, lr=1e-4", s) == {"epochs": 3, "num_layers": 4, "lr": 1e-4}
+    assert attack_strength.parse_recipe("", s, 2) == {"epochs": 1, "num_layers": 4, "lr": 5e-5, "train_seed": 2}
+    assert attack_strength.parse_recipe("epochs=3, lr=1e-4", s) == {"epochs": 3, "num_layers": 4, "lr": 1e-4,
+                                                                    "train_seed": 0}
     for bad, said in (("epoch=3", "not KEY=VALUE"), ("lr=", "not KEY=VALUE"), ("epochs=two", "not a number")):
         with pytest.raises(SystemExit, match=said):
             attack_strength.parse_recipe(bad, s)
-    assert attack_strength.recipe_name({"epochs": 3, "num_layers": 12, "lr": 5e-5}) == "sft-e3-l12-lr5e-05"
+    recipe = {"epochs": 3, "num_layers": 12, "lr": 5e-5, "train_seed": 0}
+    assert attack_strength.recipe_name(recipe) == "sft-e3-l12-lr5e-05"
+    assert attack_strength.recipe_name(recipe | {"train_seed": 1}) == "sft-e3-l12-lr5e-05-train1"
 
 
 @needs_data
@@ -296,8 +299,8 @@ def test_attack_strength_on_the_tiny_model(reproduce, attack_strength, quick_run
     standard SFT back (same refusal, same task NLL); a stronger recipe trains more steps."""
     name, run = quick_run
     results = tmp_path / "attack.json"
-    assert attack_strength.main(["--model", name, "--recipe", "epochs=2", "--out", str(tmp_path / "runs"),
-                                 "--results", str(results)]) == 0
+    assert attack_strength.main(["--model", name, "--recipe", "epochs=2", "--recipe", "train_seed=1",
+                                 "--out", str(tmp_path / "runs"), "--results", str(results)]) == 0
     rows = json.loads(results.read_text())[f"{name}/seed0"]["rows"]
     own = json.loads((run / "result.json").read_text())["methods"]
     control = rows[attack_strength.recipe_name(attack_strength.parse_recipe("", reproduce.SIZES[name]))]
@@ -307,3 +310,12 @@ def test_attack_strength_on_the_tiny_model(reproduce, attack_strength, quick_run
     longer = next(r for r in rows.values() if r["recipe"] and r["recipe"]["epochs"] == 2)
     assert longer["steps"] == 2 * control["steps"]
     assert set(longer["harmful_nll_gap"]) >= {"1-5", "6+"} and longer["prefill_recovery"] is not None
+    # another training seed: the same recipe otherwise, another adapter
+    control_name = next(r for r in rows if r.startswith("sft-e1") and not r.endswith("-train1"))
+    other = rows[f"{control_name}-train1"]
+    assert other["recipe"]["train_seed"] == 1 and other["steps"] == control["steps"]
+    import mlx.core as mx
+
+    attack = next((tmp_path / "runs").glob("*/seed0/attack"))
+    w0, w1 = (mx.load(str(attack / n / "adapters.safetensors")) for n in (control_name, f"{control_name}-train1"))
+    assert set(w0) == set(w1) and any(not mx.array_equal(w0[k], w1[k]).item() for k in w0)
