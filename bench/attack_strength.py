@@ -83,13 +83,12 @@ def eval_models(base: str, data_dir: Path, s: reproduce.Setting, adapters: dict[
 
 
 def figures(model_entry: dict[str, Any]) -> dict[str, Any]:
-    m = reproduce.metrics_of(model_entry)
-    deep = reproduce.deep_summary(reproduce.deep_samples(model_entry))
+    m = reproduce.metrics_of(model_entry)  # its deep-safety summary included
     return {"advbench_refusal": m["advbench_refusal"], "advbench_refusal_ci": m.get("advbench_refusal_ci"),
             "advbench_refusal_then_comply": m.get("advbench_refusal_then_comply"),
             "degenerate_rate": m.get("degenerate_rate"), "n_prompts": m["n_prompts"], "task_nll": m["task_nll"],
-            "prefill_recovery": (deep.get("prefill_recovery") or {}).get(str(PREFILL_K)),
-            "harmful_nll_gap": deep.get("harmful_nll_gap")}
+            "prefill_recovery": (m.get("prefill_recovery") or {}).get(str(PREFILL_K)),
+            "harmful_nll_gap": m.get("harmful_nll_gap")}
 
 
 def measure(model: str, seed: int, recipes: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -116,9 +115,7 @@ def measure(model: str, seed: int, recipes: list[dict[str, Any]], out: Path) -> 
 
 
 def table(result: dict[str, Any]) -> str:
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
-
+    pct = reproduce._pct
     lines = ["| model | steps | AdvBench refusal % [95% CI] | refuses, then complies % | degenerate % | "
              f"prefill K={PREFILL_K} recovery % | NLL gap tokens 1-5 | NLL gap tokens 6+ | task NLL |",
              "|---|---|---|---|---|---|---|---|---|"]
