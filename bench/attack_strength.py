@@ -18,7 +18,7 @@ run's training seed: its refusal must equal the reproduction's standard SFT on t
 (a check that this measures the same thing). Each recipe is trained and evaluated in its own
 resumable step (`reproduce.Steps` in OUT/MODEL-main/seedN/attack/), so a run cut short keeps
 the recipes that finished. Writes bench/results/attack_strength.json (one entry per model and
-seed) and prints the table.
+seed; rows of earlier invocations are kept, each with its code fingerprint) and prints the table.
 """
 
 from __future__ import annotations
@@ -114,6 +114,20 @@ def measure(model: str, seed: int, recipes: list[dict[str, Any]], out: Path) -> 
             "seconds": dict(steps.seconds)}
 
 
+def merge_entry(stored: dict[str, Any] | None, result: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """One model and seed's stored entry with this invocation's rows added: rows accumulate over
+    invocations (a recipe asked for once stays), each with the code that made it; a recipe measured
+    again takes the new row. An entry of another setting is replaced whole (its rows are not
+    comparable), and the note says so."""
+    rows = {name: row | {"code": result["code"]} for name, row in result["rows"].items()}
+    if not stored or stored.get("setting") != result["setting"]:
+        return result | {"rows": rows}, "" if not stored else "the stored entry had another setting: replaced"
+    kept = {name: row | {"code": row.get("code", stored.get("code"))}
+            for name, row in stored["rows"].items() if name not in rows}
+    merged = result | {"rows": rows | kept, "seconds": stored.get("seconds", {}) | result["seconds"]}
+    return merged, f"kept {len(kept)} earlier row(s): {', '.join(kept)}" if kept else ""
+
+
 def table(result: dict[str, Any]) -> str:
     pct = reproduce._pct
     lines = ["| model | steps | AdvBench refusal % [95% CI] | refuses, then complies % | degenerate % | "
@@ -152,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             recipes.append(recipe)
     result = measure(args.model, args.seed, recipes, args.out)
     stored = read_json(args.results) if args.results.exists() else {}
-    stored[f"{args.model}/seed{args.seed}"] = result
+    key = f"{args.model}/seed{args.seed}"
+    stored[key], note = merge_entry(stored.get(key), result)
     write_json(args.results, stored)
-    print(f"wrote {args.results}")
+    print(f"wrote {args.results}" + (f" ({note})" if note else ""))
     return 0
 
 

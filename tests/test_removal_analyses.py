@@ -319,3 +319,29 @@ def test_attack_strength_on_the_tiny_model(reproduce, attack_strength, quick_run
     attack = next((tmp_path / "runs").glob("*/seed0/attack"))
     w0, w1 = (mx.load(str(attack / n / "adapters.safetensors")) for n in (control_name, f"{control_name}-train1"))
     assert set(w0) == set(w1) and any(not mx.array_equal(w0[k], w1[k]).item() for k in w0)
+    # a second invocation asking only for the run's recipe (every step cached) keeps the other rows
+    assert attack_strength.main(["--model", name, "--recipe", "", "--out", str(tmp_path / "runs"),
+                                 "--results", str(results)]) == 0
+    again = json.loads(results.read_text())[f"{name}/seed0"]["rows"]
+    assert set(again) == set(rows) and again[control_name] == rows[control_name]
+    assert all(row["code"] for row in again.values())
+
+
+def test_attack_rows_accumulate_with_their_code(attack_strength):
+    """merge_entry: rows of earlier invocations stay (each keeps the code that made it), a recipe
+    measured again takes the new row, another setting replaces the entry whole."""
+    def entry(code, setting, **rows):
+        return {"code": code, "setting": setting, "rows": rows, "seconds": {n: 1.0 for n in rows}}
+
+    old = entry("c1", {"lr": 1}, base={"advbench_refusal": 0.5}, a={"advbench_refusal": 0.4})
+    old["rows"]["a"]["code"] = "c0"  # made by an even older invocation
+    merged, note = attack_strength.merge_entry(old, entry("c2", {"lr": 1}, base={"advbench_refusal": 0.6},
+                                                            b={"advbench_refusal": 0.1}))
+    assert merged["rows"] == {"base": {"advbench_refusal": 0.6, "code": "c2"},
+                              "b": {"advbench_refusal": 0.1, "code": "c2"},
+                              "a": {"advbench_refusal": 0.4, "code": "c0"}}
+    assert merged["code"] == "c2" and set(merged["seconds"]) == {"base", "a", "b"} and "a" in note
+    replaced, note = attack_strength.merge_entry(old, entry("c2", {"lr": 2}, base={"advbench_refusal": 0.6}))
+    assert set(replaced["rows"]) == {"base"} and "another setting" in note
+    fresh, note = attack_strength.merge_entry(None, entry("c2", {"lr": 1}, b={"x": 1}))
+    assert fresh["rows"] == {"b": {"x": 1, "code": "c2"}} and note == ""
