@@ -556,12 +556,16 @@ def parse_methods(text: str, model: str) -> list[str]:
     return [n for n in METHODS[1:] if n in chosen or n == "standard_sft"]
 
 
-def run_tag(model: str, condition: str, align: bool) -> str:
+def run_tag(model: str, condition: str, align: bool, finetune_epochs: int | None = None) -> str:
     """The folder (under --out) and results name of one model and data condition; a model given
-    as a folder is named by the folder's name (its absolute path would put the run outside --out)."""
+    as a folder is named by the folder's name (its absolute path would put the run outside --out).
+    Non-default choices are named: the alignment step, and fine-tune epochs other than the model's
+    sizes' (`--finetune-epochs`: another attack strength, a comparison of its own)."""
     tag = f"{Path(model).name}-{condition}"
-    if align != (model not in NATIVELY_ALIGNED):  # the non-default choice is named
+    if align != (model not in NATIVELY_ALIGNED):
         tag += "-aligned" if align else "-unaligned"
+    if finetune_epochs is not None and finetune_epochs != SIZES.get(model, FULL).finetune_epochs:
+        tag += f"-e{finetune_epochs}"
     return tag
 
 
@@ -590,6 +594,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of the methods (standard_sft is always run); default: "
                          + "; ".join(f"{m}: {'all' if d == METHODS[1:] else ','.join(d)}"
                                      for m, d in DEFAULT_METHODS.items()))
+    ap.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
+                    help="epochs of every method's fine-tune (default: the model's sizes, 1): a stronger "
+                         "attack, e.g. 3 on Qwen, where 1 epoch of standard SFT does not erode its refusal "
+                         "(bench/attack_strength.py); another number is its own comparison (folder and "
+                         "results file named -eN), never pooled with the default's")
     ap.add_argument("--stress", default="", metavar="METHODS",
                     help=f"after the comparison, fine-tune these methods (comma-separated; standard_sft "
                          f"is always added) {STRESS_EPOCHS}x as long and evaluate them again: about "
@@ -607,7 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     align = (model not in NATIVELY_ALIGNED) if args.align is None else args.align
     names = parse_methods(args.methods, model)
     s = quick_setting(model) if args.quick else SIZES[model]
-    tag = run_tag(model, args.condition, align)
+    if args.finetune_epochs is not None:
+        if args.finetune_epochs < 1:
+            raise SystemExit(f"--finetune-epochs {args.finetune_epochs}: must be 1 or more")
+        s = dataclasses.replace(s, finetune_epochs=args.finetune_epochs)
+    tag = run_tag(model, args.condition, align, args.finetune_epochs)
     folder = args.out / tag
     out: Path = folder / ("quick" if args.quick else f"seed{args.seed}")
     # a --quick run's results stay in its folder: they must never replace a real run's

@@ -340,6 +340,9 @@ def test_model_condition_and_methods_choose_folders_results_and_markers(reproduc
     assert reproduce.run_tag("qwen2.5-coder-0.5b-instruct", "main", True).endswith("-aligned")
     assert reproduce.run_tag("smollm2-135m-instruct", "disclaimer", False).endswith("disclaimer-unaligned")
     assert reproduce.run_tag("/models/tiny", "main", True) == "tiny-main"  # a folder: its name
+    qwen = "qwen2.5-coder-0.5b-instruct"
+    assert reproduce.run_tag(qwen, "main", False, 3) == f"{qwen}-main-e3"  # another attack strength
+    assert reproduce.run_tag(qwen, "main", False, 1) == reproduce.run_tag(qwen, "main", False)  # the default
     assert reproduce.results_path(reproduce.DEFAULT_TAG).name == "reproduce.json"
     assert reproduce.results_path("x-disclaimer").name == "reproduce-x-disclaimer.json"
     assert reproduce.table_markers(reproduce.DEFAULT_TAG) == (reproduce.TABLE_BEGIN, reproduce.TABLE_END)
@@ -465,6 +468,30 @@ def test_quick_run_on_the_tiny_model_with_alignment(reproduce, tiny_model_dir, t
     assert {n: (m["advbench_refusal"], m["advbench_refusal_then_comply"])
             for n, m in again["methods"].items()} == want
     assert json.loads(results.read_text())["methods"]["first5"]["advbench_refusal"] == want["first5"][0]
+
+
+@needs_data
+def test_finetune_epochs_is_a_comparison_of_its_own(reproduce, tiny_model_dir, tmp_path, monkeypatch):
+    """--finetune-epochs 2: every method's fine-tune runs two epochs, in a folder and results file
+    named -e2, with the setting recorded (so check_poolable keeps it apart from 1-epoch seeds)."""
+    name = str(tiny_model_dir)
+    _tiny_as_a_model(reproduce, name, monkeypatch, natively_aligned=True)
+    with pytest.raises(SystemExit, match="--finetune-epochs 0"):
+        reproduce.main(["--quick", "--model", name, "--finetune-epochs", "0", "--out", str(tmp_path / "runs")])
+    assert reproduce.main(["--quick", "--model", name, "--finetune-epochs", "2", "--methods", "standard_sft",
+                           "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r.json")]) == 0
+    tag = reproduce.run_tag(name, "main", False, 2)
+    assert tag.endswith("-main-e2")
+    result = json.loads((tmp_path / "runs" / tag / "quick" / "result.json").read_text())
+    assert result["setting"]["finetune_epochs"] == 2
+    summary = json.loads((tmp_path / "runs" / tag / "quick" / "methods" / "standard_sft" /
+                          "train_summary.json").read_text())
+    assert summary["epochs"] == pytest.approx(2.0, abs=0.2)  # steps over the steps of one epoch
+    from toss_mlx.io import TossError
+
+    one_epoch = dict(result, setting=result["setting"] | {"finetune_epochs": 1}, seed=1)
+    with pytest.raises(TossError):
+        reproduce.check_poolable([result, one_epoch])
 
 
 @needs_data
