@@ -776,8 +776,27 @@ def gather_seeds(folder: Path, results_file: Path) -> list[dict[str, Any]]:
     return [seeds[k] for k in sorted(seeds)]
 
 
+def keep_superseded(combined: dict[str, Any], results_file: Path) -> dict[str, Any]:
+    """`combined` with the seeds of the old `results_file` that were run with another setting
+    (left out by `gather_seeds`, or an earlier round's seed that a rerun in the folder replaced)
+    under `superseded_seeds`, unpooled: rewriting the results never drops a finished seed's
+    figures. Keyed SEED-CODE (code fingerprint, "unrecorded" before it was kept)."""
+    if not results_file.exists():
+        return combined
+    stored = read_json(results_file)
+    pooled = next(iter(combined["per_seed"].values()))
+    superseded = dict(stored.get("superseded_seeds", {}))
+    for r in stored.get("per_seed", {}).values():
+        try:
+            check_poolable([pooled, r])
+        except TossError:
+            superseded[f"{r['seed']}-{(r.get('code') or 'unrecorded')[:12]}"] = r
+    return combined | {"superseded_seeds": superseded} if superseded else combined
+
+
 def write_results(combined: dict[str, Any], results_file: Path, tag: str, quick: bool) -> None:
     results_file.parent.mkdir(parents=True, exist_ok=True)
+    combined = keep_superseded(combined, results_file)
     write_json(results_file, combined)
     table = results_tables(combined)
     print(table)
@@ -1150,6 +1169,12 @@ def contrast_table(contrasts: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def superseded_note(combined: dict[str, Any]) -> str:
+    names = sorted(combined.get("superseded_seeds", {}))
+    return (f" Kept in the results file but not pooled (another setting): {', '.join(names)} "
+            "(`superseded_seeds`, SEED-CODE)." if names else "")
+
+
 def results_tables(combined: dict[str, Any]) -> str:
     """The comparison table, the deep-safety one, and the --stress one when there is one."""
     seeds = combined["seeds"]
@@ -1163,7 +1188,8 @@ def results_tables(combined: dict[str, Any]) -> str:
             f"{'' if condition == 'main' else ' (reported apart, never pooled with main)'}; base: "
             f"{'aligned by the toolkit' if aligned else 'the model itself (natively aligned)'}.\n"
             f"Seeds: {', '.join(map(str, seeds))}; machine: {combined['machine']}; "
-            f"{combined['total_seconds'] / 60:.0f} min of steps in all.{code_note(combined)}\n\n"
+            f"{combined['total_seconds'] / 60:.0f} min of steps in all.{code_note(combined)}"
+            + superseded_note(combined) + "\n\n"
             + markdown_table(rows, seeds))
     deep = deep_table(rows)
     if deep:

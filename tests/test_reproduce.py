@@ -181,6 +181,28 @@ def test_seeds_of_other_sessions_pool_from_the_results_file(reproduce, tmp_path,
     assert [r["seed"] for r in reproduce.gather_seeds(tmp_path / "gone", results)] == [0, 1]
 
 
+def test_rewritten_results_keep_the_seeds_of_another_setting(reproduce, tmp_path):
+    """A seed left out of the pool (another setting: an earlier round's) stays in the results file
+    under superseded_seeds, unpooled, through every later rewrite; the table names it."""
+    def result(seed: int, code: str | None, **setting) -> dict:
+        return {"seed": seed, "model": "tiny", "code": code,
+                "setting": {"seed": seed, "finetune_epochs": 1, "n_eval_prefill": 57, **setting}}
+
+    results = tmp_path / "reproduce.json"
+    assert reproduce.keep_superseded({"per_seed": {"0": result(0, "a" * 64)}}, results) == {
+        "per_seed": {"0": result(0, "a" * 64)}}  # no file yet
+    old = {"0": result(0, None, n_eval_prefill=0), "1": result(1, None, n_eval_prefill=0),
+           "2": result(2, "b" * 64)}
+    results.write_text(json.dumps({"per_seed": old}))
+    combined = reproduce.keep_superseded({"per_seed": {"0": result(0, "a" * 64)}}, results)
+    assert combined["superseded_seeds"] == {"0-unrecorded": old["0"], "1-unrecorded": old["1"]}
+    results.write_text(json.dumps(combined))  # the next rewrite: the stored old seeds are kept again
+    again = reproduce.keep_superseded({"per_seed": {"0": result(0, "c" * 64)}}, results)
+    assert again["superseded_seeds"] == combined["superseded_seeds"]
+    assert "not pooled (another setting): 0-unrecorded, 1-unrecorded" in reproduce.superseded_note(again)
+    assert reproduce.superseded_note({"per_seed": {}}) == ""
+
+
 def test_steps_are_keyed_by_their_arguments_and_the_steps_before(reproduce, tmp_path, monkeypatch):
     calls: list[tuple] = []
 
