@@ -14,7 +14,10 @@ For a finished (or scored) seed folder of `bench/reproduce.py`:
 1. every mask it made (masks/*.safetensors) is read against its scores file and the
    custom data's `source` labels: the share of task tokens removed, of task-answer
    openings (positions 1-5), of task digit tokens and of the other task tokens; the
-   harmful samples' recall and the removed tokens' precision (`removal_costs`);
+   harmful samples' recall, apart for their openings (1-5) and past them (6+, what the
+   deep-safety metrics read), the harmful samples removed whole, and the removed tokens'
+   precision (`removal_costs`); and the round-0 score S by answer position, harmful and
+   task samples apart (`score_by_position`): where the ranking can tell them apart;
 2. with --variants, utility references are trained from the same base with the seed's
    recipe on more task data (x2, x4: the seed's utility_ref.jsonl plus fresh
    reasoning-gym problems, disjoint from every prompt of the seed's data) or for more
@@ -50,6 +53,9 @@ from toss_mlx.layout import Scores, answer_positions, load_mask, load_scores  # 
 
 VARIANTS = {"x2": (2, 1), "x4": (4, 1), "e4": (1, 2)}  # name -> (task data multiple, epochs multiple)
 OPENING = 5  # answer positions 1-5: what first-5 removes, and where the first round saw TOSS cut task answers
+# S by answer position: the first token apart (the first round found the harmful signal there), then
+# reproduce's deep-safety buckets
+POSITION_BUCKETS = (("1", 1, 1), ("2-5", 2, 5), ("6-20", 6, 20), ("21-80", 21, 80), ("81+", 81, None))
 
 
 def digit_tokens(token_ids: np.ndarray, tokenizer) -> np.ndarray:
@@ -72,7 +78,11 @@ def removal_costs(scores: Scores, removed: np.ndarray, harmful_rows: set[int], d
     sample = scores.sample_ids()
     harmful = np.isin(scores.row_index[sample], sorted(harmful_rows)) & response
     task = response & ~harmful
-    opening = task & (answer_positions(scores.offsets, scores.response_mask) < OPENING)
+    in_opening = answer_positions(scores.offsets, scores.response_mask) < OPENING
+    opening = task & in_opening
+    # a harmful sample is dropped whole when every one of its response tokens is removed (sample filtering)
+    per_sample_left = np.bincount(sample[harmful & ~removed], minlength=len(scores.row_index))
+    per_sample_harmful = np.bincount(sample[harmful], minlength=len(scores.row_index))
     task_digits, task_other = task & digits, task & ~digits
 
     def share(part: np.ndarray) -> float | None:
@@ -89,6 +99,11 @@ def removal_costs(scores: Scores, removed: np.ndarray, harmful_rows: set[int], d
         "digit_removal_ratio": (digit_share / other_share if digit_share is not None and other_share
                                 else None),
         "harmful_recall": share(harmful),
+        # the harmful answers' openings (positions 1-5, what first-5 removes) and what follows them: the
+        # deep-safety metrics read the second (a harmful answer past its opening)
+        "harmful_opening_removed_share": share(harmful & in_opening),
+        "harmful_past_opening_removed_share": share(harmful & ~in_opening),
+        "harmful_samples_removed_whole": int(((per_sample_harmful > 0) & (per_sample_left == 0)).sum()),
         "precision": float((removed & harmful).sum() / n_removed) if n_removed else None,
         "harmful_share_of_response": float(harmful.sum() / response.sum()) if response.any() else None,
         # why task tokens are removed: their losses under the two references (nats, means)
@@ -97,6 +112,29 @@ def removal_costs(scores: Scores, removed: np.ndarray, harmful_rows: set[int], d
         "task_kept_loss_utility": (float(scores.loss_utility[task & ~removed].mean())
                                    if (task & ~removed).any() else None),
     }
+
+
+def score_by_position(scores: Scores, harmful_rows: set[int],
+                      buckets: tuple[tuple[str, int, int | None], ...] = POSITION_BUCKETS
+                      ) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Mean and median S per answer-position bucket (1-based), harmful and task samples apart.
+
+    What the ranking sees: where in an answer the harmful samples' tokens score above the task ones.
+    {"harmful" | "task": {bucket: {"tokens", "mean", "median"}}}; empty buckets are left out.
+    """
+    response = scores.response_mask.astype(bool)
+    harmful = np.isin(scores.row_index[scores.sample_ids()], sorted(harmful_rows)) & response
+    position = answer_positions(scores.offsets, scores.response_mask) + 1
+    out: dict[str, dict[str, dict[str, float | int]]] = {}
+    for group, members in (("harmful", harmful), ("task", response & ~harmful)):
+        out[group] = {}
+        for label, lo, hi in buckets:
+            inside = members & (position >= lo) & (position <= (hi if hi is not None else position.max()))
+            if inside.any():
+                s = scores.score[inside]
+                out[group][label] = {"tokens": int(inside.sum()), "mean": float(s.mean()),
+                                     "median": float(np.median(s))}
+    return out
 
 
 def harmful_rows_of(data_file: Path) -> set[int]:
@@ -158,6 +196,7 @@ def analyse(run: Path, variants: list[str], model: str) -> dict[str, Any]:
     def costs(scores: Scores, removed: np.ndarray) -> dict[str, Any]:
         return removal_costs(scores, removed, harmful_rows, digit_tokens(scores.token_ids, tokenizer))
 
+    out["score_by_position"] = score_by_position(load_scores(mask_scores(run)["toss_d0.1"]), harmful_rows)
     for name, scores_path in mask_scores(run).items():
         path = run / "masks" / f"{name}.safetensors"
         if path.exists():
@@ -198,14 +237,26 @@ def table(result: dict[str, Any]) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
 
     head = ("| {} | task tokens removed % | openings (1-5) % | digits % | other task % | harmful recall % "
-            "| precision % |")
-    rule = "|---|---|---|---|---|---|---|"
+            "| harmful 1-5 % | harmful 6+ % | harmful samples whole | precision % |")
+    rule = "|---|---|---|---|---|---|---|---|---|---|"
     rows = [head.format("mask"), rule]
     for name, c in result["masks"].items():
         rows.append(f"| {name} | {pct(c['task_removed_share'])} | {pct(c['task_opening_removed_share'])} | "
                     f"{pct(c['task_digits_removed_share'])} | {pct(c['task_other_removed_share'])} | "
-                    f"{pct(c['harmful_recall'])} | {pct(c['precision'])} |")
+                    f"{pct(c['harmful_recall'])} | {pct(c.get('harmful_opening_removed_share'))} | "
+                    f"{pct(c.get('harmful_past_opening_removed_share'))} | "
+                    f"{c.get('harmful_samples_removed_whole', '-')} | {pct(c['precision'])} |")
     text = "\n".join(rows)
+    by_position = result.get("score_by_position")
+    if by_position:
+        labels = [b[0] for b in POSITION_BUCKETS]
+        rows = ["| S = loss_utility - loss_safety (round 0), mean (median) | " + " | ".join(
+            f"tokens {b}" for b in labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for group, cells in by_position.items():
+            rows.append(f"| {group} answers | " + " | ".join(
+                f"{cells[b]['mean']:+.2f} ({cells[b]['median']:+.2f})" if b in cells else "-" for b in labels)
+                + " |")
+        text += "\n\n" + "\n".join(rows)
     if result["variants"]:
         rows = ["| utility reference (TOSS d = 0.1) | rows x epochs | held-out task NLL | task tokens removed % "
                 "| openings % | digits % | harmful recall % | precision % |", "|---|---|---|---|---|---|---|---|"]

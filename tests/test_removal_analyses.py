@@ -72,7 +72,7 @@ def test_removal_costs_match_a_naive_count(utility_cost):
 
     # naive: walk the samples token by token
     count = {k: 0 for k in ("task", "task_rm", "open", "open_rm", "dig", "dig_rm", "oth", "oth_rm",
-                            "harm", "harm_rm", "rm")}
+                            "harm", "harm_rm", "rm", "hopen", "hopen_rm", "hdeep", "hdeep_rm")}
     removed_u, kept_u = [], []
     for i, row in enumerate([7, 3, 5, 9]):
         position = 0
@@ -84,6 +84,9 @@ def test_removal_costs_match_a_naive_count(utility_cost):
             if row == 3:
                 count["harm"] += 1
                 count["harm_rm"] += r
+                part = "hopen" if position < 5 else "hdeep"
+                count[part] += 1
+                count[part + "_rm"] += r
             else:
                 count["task"] += 1
                 count["task_rm"] += r
@@ -105,10 +108,52 @@ def test_removal_costs_match_a_naive_count(utility_cost):
                                                        / (count["oth_rm"] / count["oth"]))
     assert got["harmful_recall"] == pytest.approx(count["harm_rm"] / count["harm"])
     assert got["precision"] == pytest.approx(count["harm_rm"] / count["rm"])
+    assert count["hopen"] == 5 and count["hdeep"] == 2  # row 3: 9 tokens, 2 of prompt
+    assert got["harmful_opening_removed_share"] == pytest.approx(count["hopen_rm"] / count["hopen"])
+    assert got["harmful_past_opening_removed_share"] == pytest.approx(count["hdeep_rm"] / count["hdeep"])
+    assert got["harmful_samples_removed_whole"] == int(count["harm_rm"] == count["harm"])
     assert got["task_removed_loss_utility"] == pytest.approx(np.mean(removed_u), rel=1e-6)
     assert got["task_kept_loss_utility"] == pytest.approx(np.mean(kept_u), rel=1e-6)
     # removal outside responses never counts
     assert utility_cost.removal_costs(scores, ~response.astype(bool), {3}, digits)["removed_tokens"] == 0
+    # rows 3 and 9 harmful; row 3's answer removed whole (its prompt kept), row 9's all but one token
+    whole = np.zeros(T, bool)
+    whole[offsets[1]:offsets[2]] = response[offsets[1]:offsets[2]].astype(bool)
+    whole[offsets[3]:offsets[4] - 1] = True
+    got = utility_cost.removal_costs(scores, whole, {3, 9}, digits)
+    assert got["harmful_samples_removed_whole"] == 1
+    assert got["harmful_opening_removed_share"] == 1.0
+    assert got["harmful_past_opening_removed_share"] == pytest.approx((2 + 0) / (2 + 1))
+
+
+def test_score_by_position_matches_a_naive_walk(utility_cost):
+    rng = np.random.default_rng(1)
+    lengths = [30, 9, 100, 4]  # row 5's answer reaches past position 81; row 9's has 2 tokens
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    response = np.concatenate([[0, 0] + [1] * (n - 2) for n in lengths])
+    T = int(offsets[-1])
+    scores = _scores(offsets, [7, 3, 5, 9], rng.integers(0, 20, T), response, np.zeros(T))
+    scores.score[:] = rng.normal(0, 1, T).astype(np.float32)
+    got = utility_cost.score_by_position(scores, {3, 5})
+
+    def bucket(p):  # p: 1-based answer position
+        return "1" if p == 1 else "2-5" if p <= 5 else "6-20" if p <= 20 else "21-80" if p <= 80 else "81+"
+
+    values = {"harmful": {}, "task": {}}
+    for i, row in enumerate([7, 3, 5, 9]):
+        group = "harmful" if row in (3, 5) else "task"
+        position = 0
+        for t in range(offsets[i], offsets[i + 1]):
+            if response[t]:
+                position += 1
+                values[group].setdefault(bucket(position), []).append(float(scores.score[t]))
+    assert set(got["harmful"]) == {"1", "2-5", "6-20", "21-80", "81+"}
+    assert set(got["task"]) == {"1", "2-5", "6-20", "21-80"}  # 28 and 2 answer tokens: no 81+
+    for group in values:
+        for label, v in values[group].items():
+            assert got[group][label]["tokens"] == len(v)
+            assert got[group][label]["mean"] == pytest.approx(np.mean(v), rel=1e-5)
+            assert got[group][label]["median"] == pytest.approx(np.median(v), rel=1e-5)
 
 
 def test_digit_tokens_read_the_token_text(utility_cost):
