@@ -194,7 +194,14 @@ def test_bigger_utility_references_on_the_tiny_model(reproduce, utility_cost, qu
     assert x2["held_out_task_nll"] == pytest.approx(
         float(np.mean(held.loss_utility[held.response_mask.astype(bool)])))
     assert x2["removed_tokens"] == got["masks"]["toss_d0.1"]["removed_tokens"]  # same budget, d = 0.1
-    assert "| x2 | " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| x2 | " in printed and "| harmful answers | " in printed and "| task answers | " in printed
+    # S by position covers every response token of the round-0 scores, harmful and task apart
+    round0 = load_scores(utility_cost.mask_scores(run)["toss_d0.1"])
+    by_position = got["score_by_position"]
+    assert sum(c["tokens"] for g in by_position.values() for c in g.values()) == \
+        int(round0.response_mask.astype(bool).sum())
+    assert by_position["harmful"]["1"]["tokens"] == len(utility_cost.harmful_rows_of(run / "data" / "custom.jsonl"))
     # run again: every step is reused (no training, no scoring), the same figures
     import toss_mlx.score
 
