@@ -129,7 +129,7 @@ def score_by_position(scores: Scores, harmful_rows: set[int],
     for group, members in (("harmful", harmful), ("task", response & ~harmful)):
         out[group] = {}
         for label, lo, hi in buckets:
-            inside = members & (position >= lo) & (position <= (hi if hi is not None else position.max()))
+            inside = members & (position >= lo) & ((position <= hi) if hi is not None else True)
             if inside.any():
                 s = scores.score[inside]
                 out[group][label] = {"tokens": int(inside.sum()), "mean": float(s.mean()),
