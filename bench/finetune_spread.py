@@ -59,7 +59,7 @@ def eval_refusal(base: str, data_dir: Path, s: reproduce.Setting, adapters: dict
 
 def measure(run: Path, model: str, methods: list[str], train_seeds: list[int], mask_seeds: list[int]
             ) -> dict[str, Any]:
-    s = reproduce.SIZES[model]
+    s = reproduce.seed_setting(run, model)
     base = reproduce.seed_base(run, model)
     data_dir, work = run / "data", run / "spread"
     result = read_json(run / "result.json")

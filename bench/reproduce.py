@@ -291,6 +291,16 @@ def seed_base(run: Path, model: str) -> str:
     return str(run / "aligned-model") if (run / "aligned-model").exists() else model
 
 
+def seed_setting(run: Path, model: str) -> Setting:
+    """The sizes and recipes a seed folder ran with: SIZES[model] with the fields its result.json
+    records (--finetune-epochs and --quick change them), so an analysis of the seed trains with the
+    seed's own recipe. A seed not finished yet: SIZES[model]."""
+    s = SIZES[model]
+    recorded = read_json(run / "result.json").get("setting", {}) if (run / "result.json").exists() else {}
+    fields = {f.name for f in dataclasses.fields(Setting)}
+    return dataclasses.replace(s, **{k: v for k, v in recorded.items() if k in fields})
+
+
 def method_selections(pro: dict[str, Any], seed: int) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Each scored method's scores file and `select` arguments, from the toss_pro step's result.
 

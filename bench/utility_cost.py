@@ -25,10 +25,15 @@ For a finished (or scored) seed folder of `bench/reproduce.py`:
    seed's round-0 safety reference, TOSS d = 0.1 is selected, and the same figures are
    given, with the utility reference's own held-out task NLL (its loss_utility on
    eval_task.jsonl): a better utility model should show a lower one.
+3. with --finetune (a finished seed), each variant's TOSS d = 0.1 mask is fine-tuned with the
+   seed's recipe and evaluated on the seed's prompts and held-out pairs, beside the seed's own
+   TOSS and standard SFT: does the lower removal of task tokens buy task NLL after fine-tuning,
+   and at what depth (`finetuned`)? For TOSS-Pro, reproduce's toss_pro_r2 is that comparison.
+
+    python bench/utility_cost.py --run RUN --variants x4 --finetune
+
 Steps are resumable (`reproduce.Steps`, in RUN/utility_cost/). Writes
-bench/results/utility_cost.json (one entry per run folder) and prints a table.
-Mask-level only: whether a lower removal of task tokens buys task NLL after fine-tuning
-is the fine-tunes' question (reproduce's toss_d0.1 against toss_pro_r2 answers it for TOSS-Pro).
+bench/results/utility_cost.json (one entry per run folder) and prints tables.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from machine_info import machine  # noqa: E402
 from toss_mlx.data import read_rows  # noqa: E402
 from toss_mlx.io import TossError, read_json  # noqa: E402
 from toss_mlx.layout import Scores, answer_positions, load_mask, load_scores  # noqa: E402
+from toss_mlx.select import select  # noqa: E402
 
 VARIANTS = {"x2": (2, 1), "x4": (4, 1), "e4": (1, 2)}  # name -> (task data multiple, epochs multiple)
 OPENING = 5  # answer positions 1-5: what first-5 removes, and where the first round saw TOSS cut task answers
@@ -182,11 +188,11 @@ def held_out_nll(scores_path: Path) -> float:
     return float(scores.loss_utility[scores.response_mask.astype(bool)].mean())
 
 
-def analyse(run: Path, variants: list[str], model: str) -> dict[str, Any]:
+def analyse(run: Path, variants: list[str], model: str, finetune: bool = False) -> dict[str, Any]:
     from toss_mlx.models.load import load_tokenizer
     from toss_mlx.select import select_tokens
 
-    s = reproduce.SIZES[model]
+    s = reproduce.seed_setting(run, model)
     base = reproduce.seed_base(run, model)
     data_dir = run / "data"
     harmful_rows = harmful_rows_of(data_dir / "custom.jsonl")
@@ -221,14 +227,63 @@ def analyse(run: Path, variants: list[str], model: str) -> dict[str, Any]:
             steps(f"utility_{name}", reproduce.train_adapter, base, Path(data), utility, s, seed,
                   **(ref | {"epochs": epoch_times * s.reference_epochs}))
             n_rows, epochs = times * n_own, epoch_times * s.reference_epochs
-        custom = (load_scores(mask_scores(run)["toss_d0.1"]) if name == "seed" else
-                  load_scores(steps(f"score_{name}", score_with, base, utility, run / "safety",
-                                    data_dir / "custom.jsonl", work / f"scores_{name}.safetensors", s)["scores"]))
+        custom_scores = (mask_scores(run)["toss_d0.1"] if name == "seed" else
+                         steps(f"score_{name}", score_with, base, utility, run / "safety", data_dir / "custom.jsonl",
+                               work / f"scores_{name}.safetensors", s)["scores"])
+        custom = load_scores(custom_scores)
         held = steps(f"held_out_{name}", score_with, base, utility, run / "safety", data_dir / "eval_task.jsonl",
                      work / f"eval_task_{name}.safetensors", s)["scores"]
         out["variants"][name] = {"utility_rows": n_rows, "epochs": epochs,
                                  "held_out_task_nll": held_out_nll(Path(held)),
                                  **costs(custom, select_tokens(custom, ratio=0.1).removed)}
+        if finetune and name != "seed":
+            # the mask file the fine-tune reads: the same selection as the figures above
+            steps(f"select_{name}", select, str(custom_scores), str(work / "masks" / f"toss_{name}.safetensors"),
+                  ratio=0.1)
+    if finetune:
+        out["finetuned"] = finetuned(run, base, s, seed, steps, variants)
+    return out
+
+
+def finetuned(run: Path, base: str, s: reproduce.Setting, seed: int, steps: reproduce.Steps,
+              variants: list[str]) -> dict[str, Any]:
+    """Fine-tune with each variant's TOSS d = 0.1 mask (the seed's recipe, seed and data; only the
+    utility reference behind the mask differs) and evaluate on the seed's prompts and held-out pairs.
+
+    Each variant is set against the seed's own TOSS d = 0.1 and standard SFT fine-tunes (its
+    eval.json): task NLL paired over the task problems, the harmful-answer NLL gap past token 5
+    paired over the held-out pairs, as reproduce.py pools them. The question is whether the lower
+    removal of task tokens a better utility reference gives buys task NLL, and at what depth.
+    """
+    work = run / "utility_cost"
+    adapters = {f"toss_{name}": work / f"finetune_{name}" for name in variants}
+    for name in variants:
+        steps(f"train_{name}", reproduce.train_adapter, base, run / "data" / "custom.jsonl",
+              adapters[f"toss_{name}"], s, seed, mask=str(work / "masks" / f"toss_{name}.safetensors"),
+              epochs=s.finetune_epochs, lr=s.finetune_lr)
+    steps("eval_finetuned", reproduce.run_eval, base, run / "data", s, {n: str(a) for n, a in adapters.items()},
+          work / "eval.json", include_base=False)
+    own = reproduce.eval_models(run / "eval.json")
+    if not {"standard_sft", "toss_d0.1"} <= set(own):
+        raise SystemExit(f"--finetune: {run / 'eval.json'} lacks standard_sft or toss_d0.1 (is the seed finished?)")
+    new = reproduce.eval_models(work / "eval.json")
+    sft, toss = own["standard_sft"], own["toss_d0.1"]
+    out: dict[str, Any] = {}
+    for name, entry in [("seed", toss), *((f"toss_{v}", new[f"toss_{v}"]) for v in variants)]:
+        m = reproduce.metrics_of(entry)
+        depth = (reproduce.deep_samples(entry) or {}).get("depth") or []
+        toss_depth = (reproduce.deep_samples(toss) or {}).get("depth") or []
+        out[name.removeprefix("toss_")] = {
+            "advbench_refusal": m["advbench_refusal"], "advbench_refusal_ci": m["advbench_refusal_ci"],
+            "edgy_refusal": m["edgy_refusal"], "task_nll": m["task_nll"], "n_task": m["n_task"],
+            "prefill_recovery": m.get("prefill_recovery"), "harmful_nll_gap": m.get("harmful_nll_gap"),
+            "task_nll_vs_standard_sft": reproduce.nll_difference([(reproduce.problem_nll(entry),
+                                                                   reproduce.problem_nll(sft))]),
+            "task_nll_vs_seed_toss": reproduce.nll_difference([(reproduce.problem_nll(entry),
+                                                                reproduce.problem_nll(toss))]),
+            "gap_past_opening_vs_seed_toss": (reproduce.paired_difference(
+                reproduce.gap_sums(depth), reproduce.gap_sums(toss_depth)) if depth and toss_depth else None),
+        }
     return out
 
 
@@ -266,6 +321,26 @@ def table(result: dict[str, Any]) -> str:
                         f"{pct(c['task_digits_removed_share'])} | {pct(c['harmful_recall'])} | "
                         f"{pct(c['precision'])} |")
         text += "\n\n" + "\n".join(rows)
+    if result.get("finetuned"):
+        def diff(d: dict[str, Any] | None) -> str:
+            if not d or d["diff"] is None:
+                return "-"
+            lo, hi = d["ci95"]
+            return f"{d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+        rows = ["| fine-tuned with the TOSS d = 0.1 mask of | AdvBench refusal % | task NLL | vs standard SFT "
+                "| vs the seed's TOSS | NLL gap tokens 6+ | gap 6+ vs the seed's TOSS | prefill K=5 % |",
+                "|---|---|---|---|---|---|---|---|"]
+        for name, c in result["finetuned"].items():
+            gap = (c.get("harmful_nll_gap") or {}).get("6+")
+            k5 = (c.get("prefill_recovery") or {}).get("5")
+            rows.append(f"| {'the seed' if name == 'seed' else name} utility reference | "
+                        f"{pct(c['advbench_refusal'])} | {c['task_nll']:.3f} | "
+                        f"{diff(c['task_nll_vs_standard_sft'])} | "
+                        f"{'-' if name == 'seed' else diff(c['task_nll_vs_seed_toss'])} | "
+                        f"{'-' if gap is None else f'{gap:+.3f}'} | "
+                        f"{'-' if name == 'seed' else diff(c['gap_past_opening_vs_seed_toss'])} | {pct(k5)} |")
+        text += "\n\n" + "\n".join(rows)
     return text
 
 
@@ -275,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, choices=reproduce.MODELS,
                     help="the run's model (default: read from the folder's name)")
     ap.add_argument("--variants", default="", help=f"utility references to train: {', '.join(VARIANTS)}")
+    ap.add_argument("--finetune", action="store_true",
+                    help="also fine-tune with each variant's TOSS d = 0.1 mask and evaluate it beside the "
+                         "seed's TOSS and standard SFT (task NLL, refusal, deep safety; the seed must be finished)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "utility_cost.json")
     args = ap.parse_args(argv)
     model = reproduce.model_of_run(args.run, args.model)
@@ -284,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not (args.run / "steps" / "toss_pro.json").exists():
         raise SystemExit(f"--run {args.run}: not scored yet (no steps/toss_pro.json)")
-    result = analyse(args.run, variants, model)
+    if args.finetune and not variants:
+        raise SystemExit("--finetune: give --variants (the utility references whose masks are fine-tuned)")
+    if args.finetune and not (args.run / "result.json").exists():
+        raise SystemExit(f"--finetune: {args.run} is not finished (no result.json): its fine-tunes are the comparison")
+    result = analyse(args.run, variants, model, args.finetune)
     print(table(result))
     reproduce.store_run_result(args.results, args.run, result)
     return 0

@@ -224,6 +224,63 @@ def test_bigger_utility_references_on_the_tiny_model(reproduce, utility_cost, qu
         record.write_text(kept)
 
 
+@needs_data
+def test_finetuned_utility_variant_on_the_tiny_model(reproduce, utility_cost, quick_run, tmp_path,  # noqa: F811
+                                                     capsys):
+    """--finetune: the x2 variant's TOSS mask is the one its figures count, its fine-tune has the
+    seed's recipe (the seed's TOSS fine-tune's step count), and its contrasts with the seed's TOSS
+    and standard SFT are recomputed by hand from the two eval files."""
+    from toss_mlx.layout import load_mask, load_scores
+
+    name, run = quick_run
+    results = tmp_path / "utility_cost.json"
+    assert utility_cost.main(["--run", str(run), "--model", name, "--variants", "x2", "--finetune",
+                              "--results", str(results)]) == 0
+    got = json.loads(results.read_text())[f"{run.parent.name}/quick"]
+    work = run / "utility_cost"
+    scores = load_scores(work / "scores_x2.safetensors")
+    mask = load_mask(work / "masks" / "toss_x2.safetensors", scores.offsets, scores.row_index, None, "scores")
+    assert int((~mask.keep.astype(bool) & scores.response_mask.astype(bool)).sum()) == \
+        got["variants"]["x2"]["removed_tokens"]
+    result = json.loads((run / "result.json").read_text())
+    trained = json.loads((work / "steps" / "train_x2.json").read_text())["value"]["result"]
+    assert trained["steps"] == result["methods"]["toss_d0.1"]["train"]["steps"]
+    assert trained["kept_share"] < 1
+
+    def entry(path, model):
+        return next(m for m in json.loads(path.read_text())["models"] if m["name"] == model)
+
+    def task_nll(m):  # summed reference-answer NLL and tokens per problem, by hand
+        rows = m["prompts"]["benign"]
+        return (np.array([r["reference_nll"] for r in rows]), np.array([r["reference_tokens"] for r in rows]))
+
+    def gap_past_5(m):  # per pair: summed (NLL - base NLL) x tokens past the opening, and the tokens
+        out = []
+        for r in m["prompts"]["depth"]:
+            past = [b for b in r["tokens"] if b != "1-5" and r["tokens"][b]]
+            out.append((sum((r["nll"][b] - r["nll_base"][b]) * r["tokens"][b] for b in past),
+                        sum(r["tokens"][b] for b in past)))
+        return np.array(out).reshape(-1, 2)
+
+    x2 = entry(work / "eval.json", "toss_x2")
+    sft, toss = entry(run / "eval.json", "standard_sft"), entry(run / "eval.json", "toss_d0.1")
+    (a, n), (b, _), (c, _) = task_nll(x2), task_nll(sft), task_nll(toss)
+    fine = got["finetuned"]
+    assert set(fine) == {"seed", "x2"}
+    assert fine["x2"]["task_nll"] == pytest.approx(x2["metrics"]["nll"]["value"])
+    assert fine["x2"]["task_nll_vs_standard_sft"]["diff"] == pytest.approx((a - b).sum() / n.sum())
+    assert fine["x2"]["task_nll_vs_seed_toss"]["diff"] == pytest.approx((a - c).sum() / n.sum())
+    assert fine["seed"]["task_nll_vs_standard_sft"]["diff"] == pytest.approx(
+        result["methods"]["toss_d0.1"]["task_nll_vs_standard_sft"]["diff"])
+    mine, theirs = gap_past_5(x2), gap_past_5(toss)
+    assert np.array_equal(mine[:, 1], theirs[:, 1])
+    assert fine["x2"]["gap_past_opening_vs_seed_toss"]["diff"] == pytest.approx(
+        (mine[:, 0] - theirs[:, 0]).sum() / mine[:, 1].sum())
+    assert "| x2 utility reference | " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give --variants"):
+        utility_cost.main(["--run", str(run), "--model", name, "--finetune"])
+
+
 def test_spread_over_runs_by_hand(finetune_spread):
     got = finetune_spread.spread([0.5, 0.25, 0.75], n=40)
     assert got["mean"] == pytest.approx(0.5) and got["range"] == [0.25, 0.75]
