@@ -57,6 +57,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -485,15 +486,24 @@ def gap_sums(depth: list[dict[str, Any]], buckets: tuple[str, ...] = PAST_OPENIN
                      for d in depth], np.float64).reshape(-1, 2)
 
 
+def verdict_sums(verdicts: list[bool]) -> np.ndarray:
+    """[samples, 2]: each prompt's or held-out pair's verdict (1 = refused, or recovered after a
+    prefill) with a weight of 1, so `paired_difference` gives the difference of two rates."""
+    return np.array([(float(v), 1.0) for v in verdicts], np.float64).reshape(-1, 2)
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, draws: int = CONTRAST_DRAWS, seed: int = 0
                       ) -> dict[str, Any]:
-    """Token-weighted gap of `a` minus `b` (`gap_sums` of two methods) over the same pairs.
+    """Weighted mean of `a` minus `b` over the same samples: [n, 2] arrays of (sum, weight).
 
-    The pairs are the same for every method of a run (and concatenated in seed order when
-    pooled), so the difference is paired: the interval resamples pairs (bootstrap, 95%).
+    `gap_sums` (a held-out pair's summed NLL gap, its answer tokens: a token-weighted gap) or
+    `verdict_sums` (one verdict per prompt or pair, weight 1: a difference of rates). The samples
+    are the same for every method of a run (and concatenated in seed order when pooled), so the
+    difference is paired: the interval resamples samples (bootstrap, 95%).
     """
     if a.shape != b.shape or not np.array_equal(a[:, 1], b[:, 1]):
-        raise TossError("the two methods' harmful-answer NLLs were measured on different tokens")
+        raise TossError("the two methods were measured on different samples (held-out pairs, prompts "
+                        "or answer tokens)")
     diff, tokens = a[:, 0] - b[:, 0], a[:, 1]
     if not tokens.sum():
         return {"diff": None, "ci95": None, "pairs": len(diff), "tokens": 0}
@@ -511,15 +521,42 @@ def gap_contrasts(merged: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     token-level method left the held-out harmful answers less likely past their opening than the
     other did: less harmful content learned beyond the first tokens.
     """
+    return {pair: figures["gap"] for pair, figures in paired_contrasts(
+        merged, lambda m: {"gap": gap_sums(m["depth"])} if m["depth"] else {}).items() if "gap" in figures}
+
+
+def refusal_contrasts(merged: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """TOSS (and TOSS-Pro) minus each other method: prefill recovery per K and refusal on each other
+    harmful set, paired over the same held-out pairs and prompts (a difference of rates).
+
+    The deep-safety table's Wilson intervals are each method's own; these say whether two methods
+    differ on the same samples. Keys: `prefill K=5` ..., then the other sets' names; `pairs` counts
+    the pairs or prompts (a verdict has no answer tokens, so `paired_difference`'s `tokens` is left out)."""
+    contrasts = paired_contrasts(merged, lambda m: {
+        **{f"prefill K={k}": verdict_sums(v) for k, v in sorted(m["prefill"].items(), key=lambda kv: int(kv[0]))},
+        **{name: verdict_sums(v) for name, v in m["other_sets"].items()}})
+    return {pair: {k: {f: v for f, v in c.items() if f != "tokens"} for k, c in figures.items()}
+            for pair, figures in contrasts.items()}
+
+
+def paired_contrasts(merged: dict[str, dict[str, Any] | None],
+                     measures: Callable[[dict[str, Any]], dict[str, np.ndarray]]) -> dict[str, Any]:
+    """"X - Y" -> measure -> `paired_difference`, for X each token-level method (`CONTRASTED`) and Y
+    every other method with deep-safety samples; `measures` maps a method's `merge_deep` samples to
+    its per-sample arrays. Only measures both methods have are contrasted."""
     out: dict[str, Any] = {}
     for x in CONTRASTED:
-        if not (merged.get(x) and merged[x]["depth"]):
+        if not merged.get(x):
             continue
+        ours = measures(merged[x])
         for y, other in merged.items():
             # the base is no method; TOSS-Pro - TOSS is asked once, not again reversed
-            if y in (x, "aligned_base") or y in CONTRASTED[:CONTRASTED.index(x)] or not (other and other["depth"]):
+            if y in (x, "aligned_base") or y in CONTRASTED[:CONTRASTED.index(x)] or not other:
                 continue
-            out[f"{x} - {y}"] = paired_difference(gap_sums(merged[x]["depth"]), gap_sums(other["depth"]))
+            theirs = measures(other)
+            figures = {k: paired_difference(v, theirs[k]) for k, v in ours.items() if k in theirs}
+            if figures:
+                out[f"{x} - {y}"] = figures
     return out
 
 
@@ -1017,10 +1054,12 @@ def combine_methods(blocks: list[dict[str, Any]], eval_paths: list[str]) -> dict
     return methods
 
 
-def combine_contrasts(blocks: list[dict[str, Any]]) -> dict[str, Any]:
-    """`gap_contrasts` of one comparison pooled over seeds (`blocks`: each seed's methods)."""
+def combine_contrasts(blocks: list[dict[str, Any]],
+                      contrasts: Callable[[dict[str, Any]], dict[str, Any]] = gap_contrasts) -> dict[str, Any]:
+    """`gap_contrasts` (or `refusal_contrasts`) of one comparison pooled over seeds (`blocks`: each
+    seed's methods)."""
     names = [n for n in blocks[0] if all(n in b for b in blocks)]
-    return gap_contrasts({n: merge_deep([deep_samples(b[n]) for b in blocks]) for n in names})
+    return contrasts({n: merge_deep([deep_samples(b[n]) for b in blocks]) for n in names})
 
 
 def check_poolable(results: list[dict[str, Any]]) -> None:
@@ -1057,6 +1096,7 @@ def combine_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
                                                  "base") for r in results]),
         "methods": combine_methods([r["methods"] for r in results], [r["eval"] for r in results]),
         "harmful_gap_contrasts": combine_contrasts([r["methods"] for r in results]),
+        "refusal_contrasts": combine_contrasts([r["methods"] for r in results], refusal_contrasts),
         "total_seconds": sum(r["total_seconds"] for r in results),
     }
     stressed = [r for r in results if "stress" in r]
@@ -1179,6 +1219,22 @@ def contrast_table(contrasts: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def refusal_contrast_table(contrasts: dict[str, Any]) -> str:
+    """One row per contrast of `refusal_contrasts`: each measure's difference in points [95% CI]."""
+    measures = list(dict.fromkeys(k for figures in contrasts.values() for k in figures))
+    head = [OTHER_SET_LABELS.get(k, k) for k in measures]
+    rows = ["| contrast | " + " | ".join(head) + " | pairs, prompts |", "|---" * (len(head) + 2) + "|"]
+    for name, figures in contrasts.items():
+        cells = []
+        for k in measures:
+            c = figures.get(k)
+            cells.append("-" if not c or c["diff"] is None else
+                         f"{100 * c['diff']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]")
+        sizes = sorted({figures[k]["pairs"] for k in figures})
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(map(str, sizes))} |")
+    return "\n".join(rows)
+
+
 def superseded_note(combined: dict[str, Any]) -> str:
     names = sorted(combined.get("superseded_seeds", {}))
     return (f" Kept in the results file but not pooled (another setting): {', '.join(names)} "
@@ -1208,12 +1264,15 @@ def results_tables(combined: dict[str, Any]) -> str:
                  "seeds; NLL gap and KL to the base each method was fine-tuned from, nats per answer token; "
                  "a negative gap past the opening = harmful content learned beyond the first tokens):\n\n"
                  + deep)
-        contrasts = combined.get("harmful_gap_contrasts")
-        if contrasts:
-            text += ("\n\nHarmful-answer NLL gap past token 5, token-level method minus another, paired over the "
-                     "same held-out pairs (bootstrap 95% CI; positive = the held-out harmful answers stayed "
-                     "less likely past their opening than under the other method):\n\n"
-                     + contrast_table(contrasts))
+        for key, caption, render in (
+                ("harmful_gap_contrasts", "Harmful-answer NLL gap past token 5, token-level method minus another, "
+                 "paired over the same held-out pairs (bootstrap 95% CI; positive = the held-out harmful answers "
+                 "stayed less likely past their opening than under the other method)", contrast_table),
+                ("refusal_contrasts", "Prefill recovery and refusal on the other harmful sets, token-level method "
+                 "minus another, paired over the same held-out pairs and prompts (percentage points, bootstrap 95% "
+                 "CI; positive = the token-level method recovered or refused more often)", refusal_contrast_table)):
+            if combined.get(key):
+                text += f"\n\n{caption}:\n\n" + render(combined[key])
         if combined.get("random_mask_seeds"):
             text += f"\n\nRandom-removal mask seeds per seed: {combined['random_mask_seeds']}"
     stress = combined.get("stress")

@@ -342,7 +342,7 @@ def test_gap_contrasts_by_hand(reproduce):  # noqa: F811
     c = reproduce.paired_difference(reproduce.gap_sums(raised), sums)
     assert c["diff"] == pytest.approx(25 / 29)
     assert 0.0 <= c["ci95"][0] <= c["diff"] <= c["ci95"][1] <= 1.0
-    with pytest.raises(reproduce.TossError, match="different tokens"):
+    with pytest.raises(reproduce.TossError, match="different samples"):
         reproduce.paired_difference(sums, sums[::-1])
     # TOSS against every other method, seeds concatenated in order; the base is never contrasted
     merged = {"aligned_base": {"depth": depth}, "standard_sft": {"depth": shifted}, "first5": None,
@@ -354,6 +354,38 @@ def test_gap_contrasts_by_hand(reproduce):  # noqa: F811
                for name, d in (("standard_sft", shifted), ("toss_d0.1", depth))}] * 2
     pooled = reproduce.combine_contrasts(blocks)["toss_d0.1 - standard_sft"]
     assert (pooled["pairs"], pooled["tokens"]) == (4, 58) and pooled["diff"] == pytest.approx(0.1)
+
+
+def test_refusal_contrasts_by_hand(reproduce):  # noqa: F811
+    # 4 held-out pairs at K = 5 and 10, 5 Do-Not-Answer prompts; TOSS recovers 3/4 at K = 5 where
+    # SFT recovers 1/4 (+50 points), both 1/4 at K = 10 (0), refuses 4/5 Do-Not-Answer vs 2/5 (+40)
+    toss = {"other_sets": {"donotanswer": [True, True, True, True, False]},
+            "prefill": {"10": [True, False, False, False], "5": [True, True, True, False]}, "depth": []}
+    sft = {"other_sets": {"donotanswer": [True, False, True, False, False]},
+           "prefill": {"5": [True, False, False, False], "10": [False, False, True, False]}, "depth": []}
+    merged = {"aligned_base": toss, "standard_sft": sft, "first5": None, "toss_d0.1": toss}
+    c = reproduce.refusal_contrasts(merged)
+    assert list(c) == ["toss_d0.1 - standard_sft"]  # the base and a method without samples: none
+    figures = c["toss_d0.1 - standard_sft"]
+    assert list(figures) == ["prefill K=5", "prefill K=10", "donotanswer"]  # K in numeric order
+    assert figures["prefill K=5"]["diff"] == pytest.approx(0.5) and figures["prefill K=5"]["pairs"] == 4
+    assert figures["prefill K=10"]["diff"] == pytest.approx(0.0)
+    assert figures["donotanswer"]["diff"] == pytest.approx(0.4) and figures["donotanswer"]["pairs"] == 5
+    for f in figures.values():
+        assert f["ci95"][0] <= f["diff"] <= f["ci95"][1]
+    # a paired bootstrap: a method against itself shifted by one verdict everywhere has a zero-width interval
+    always = {"other_sets": {}, "prefill": {"5": [True] * 4}, "depth": []}
+    never = {"other_sets": {}, "prefill": {"5": [False] * 4}, "depth": []}
+    same = reproduce.refusal_contrasts({"standard_sft": never, "toss_d0.1": always})
+    assert same["toss_d0.1 - standard_sft"]["prefill K=5"]["ci95"] == pytest.approx([1.0, 1.0])
+    # pooled over two seeds: the verdicts are concatenated, so the difference is over 8 pairs
+    blocks = [{"standard_sft": {"deep_samples": sft}, "toss_d0.1": {"deep_samples": toss}},
+              {"standard_sft": {"deep_samples": toss}, "toss_d0.1": {"deep_samples": toss}}]
+    pooled = reproduce.combine_contrasts(blocks, reproduce.refusal_contrasts)["toss_d0.1 - standard_sft"]
+    assert pooled["prefill K=5"]["pairs"] == 8 and pooled["prefill K=5"]["diff"] == pytest.approx(2 / 8)
+    table = reproduce.refusal_contrast_table(c)
+    assert "| toss_d0.1 - standard_sft | +50.0 [" in table and "Do-Not-Answer" in table.splitlines()[0]
+    assert table.splitlines()[2].endswith("| 4, 5 |")
 
 
 def test_pooled_results_carry_the_gap_contrasts(reproduce, quick_run):  # noqa: F811
@@ -382,6 +414,16 @@ def test_pooled_results_carry_the_gap_contrasts(reproduce, quick_run):  # noqa: 
         if tokens:
             assert c["diff"] == pytest.approx(sum(x for x, _ in a) / tokens - sum(x for x, _ in b) / tokens)
     assert "| toss_d0.1 - random |" in reproduce.results_tables(pooled)
+    # prefill recovery and the other sets' refusal, paired: the rates' difference, verdict by verdict
+    refusals = pooled["refusal_contrasts"]["toss_d0.1 - random"]
+    ours, theirs = (seed["methods"][m]["deep_samples"] for m in ("toss_d0.1", "random"))
+    expected = {f"prefill K={k}": (ours["prefill"][k], theirs["prefill"][k]) for k in ours["prefill"]}
+    expected |= {n: (ours["other_sets"][n], theirs["other_sets"][n]) for n in ours["other_sets"]}
+    assert set(refusals) == set(expected) and expected
+    for name, (a, b) in expected.items():
+        assert refusals[name]["pairs"] == len(a)
+        assert refusals[name]["diff"] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+    assert "Prefill recovery and refusal on the other harmful sets" in reproduce.results_tables(pooled)
 
 
 @pytest.fixture(scope="module")
